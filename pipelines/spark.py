@@ -1,0 +1,67 @@
+"""One SparkSession per process, configured from arguments or environment variables.
+
+`PRICELAB_SPARK_MASTER` (default `local[*]`) picks a classic master (`spark://host:7077`, `yarn`,
+`k8s://...`); `PRICELAB_SPARK_REMOTE` (`sc://host:15002`) picks Spark Connect instead. Both the
+Dagster resource and the tests call `get_spark`, so code runs the same way everywhere.
+"""
+from __future__ import annotations
+
+import os
+
+from pyspark.sql import SparkSession
+
+# Sized for a 2-core laptop-class machine and small daily data; override with `conf`.
+LOCAL_DEFAULTS = {
+    "spark.sql.shuffle.partitions": "8",
+    "spark.default.parallelism": "4",
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.adaptive.enabled": "true",
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.driver.memory": "4g",
+    "spark.sql.legacy.timeParserPolicy": "CORRECTED",
+    # An embedded session listens on loopback only.
+    "spark.driver.host": "127.0.0.1",
+    "spark.driver.bindAddress": "127.0.0.1",
+}
+
+
+def get_spark(
+    master: str | None = None,
+    remote: str | None = None,
+    app_name: str = "pricelab",
+    conf: dict[str, str] | None = None,
+) -> SparkSession:
+    """Return the process's SparkSession, creating it on first use.
+
+    `remote` (a Spark Connect URL) wins over `master`. Unset arguments fall back to the
+    environment variables above, then to an embedded `local[*]` session.
+    """
+    remote = remote or os.environ.get("PRICELAB_SPARK_REMOTE") or None
+    master = master or os.environ.get("PRICELAB_SPARK_MASTER") or "local[*]"
+    builder = SparkSession.builder.appName(app_name)
+    if remote:
+        builder = builder.remote(remote)
+    else:
+        if master.startswith("local"):
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        builder = builder.master(master)
+        settings = dict(LOCAL_DEFAULTS) if master.startswith("local") else {}
+        settings.update(conf or {})
+        for key, value in settings.items():
+            builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    if not remote:
+        spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def graphframes_available(spark: SparkSession) -> bool:
+    """True when the GraphFrames JVM classes are on the classpath (never downloads anything)."""
+    try:
+        jvm = spark.sparkContext._jvm  # classic sessions only; Connect has no JVM handle
+        jvm.java.lang.Class.forName("org.graphframes.GraphFrame")
+        return True
+    except Exception:
+        return False

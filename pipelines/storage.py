@@ -75,3 +75,61 @@ def read_spark_parquet(spark: SparkSession, path: str | os.PathLike) -> DataFram
 
 def read_pandas_parquet(path: str | os.PathLike) -> pd.DataFrame:
     return pd.read_parquet(path)
+
+
+class Warehouse:
+    """The data directory's layout: `input/` (contract-v1 inputs) and `warehouse/` (outputs).
+
+    Tables are Parquet directories; a partitioned table keeps one sub-directory per value
+    (`daily_assignments/date=2026-01-05/`), written and replaced one partition at a time, with
+    the partition column in the path only, so Spark's partition discovery adds it back on read.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = data_dir(root)
+
+    @property
+    def input_dir(self) -> Path:
+        return self.root / "input"
+
+    @property
+    def tables_dir(self) -> Path:
+        return self.root / "warehouse"
+
+    def path(self, table: str, partition: tuple[str, str] | None = None) -> Path:
+        base = self.tables_dir / table
+        return base / f"{partition[0]}={partition[1]}" if partition else base
+
+    def exists(self, table: str, partition: tuple[str, str] | None = None) -> bool:
+        return parquet_exists(self.path(table, partition))
+
+    def partitions(self, table: str, key: str) -> list[str]:
+        """Values of partition column `key` that have been written, sorted."""
+        base = self.path(table)
+        if not base.is_dir():
+            return []
+        prefix = f"{key}="
+        return sorted(
+            p.name[len(prefix):] for p in base.iterdir() if p.is_dir() and p.name.startswith(prefix) and parquet_exists(p)
+        )
+
+    def write(self, df, table: str, partition: tuple[str, str] | None = None) -> Path:
+        """Write (replace) a table or one partition of it, atomically. Spark or pandas input."""
+        target = self.path(table, partition)
+        if isinstance(df, pd.DataFrame):
+            frame = df.drop(columns=[partition[0]], errors="ignore") if partition else df
+            return write_pandas_parquet(frame, target)
+        frame = df.drop(partition[0]) if partition else df
+        return write_spark_parquet(frame, target)
+
+    def read(self, spark: SparkSession, table: str, partition: tuple[str, str] | None = None) -> DataFrame:
+        """Read a table (all partitions) or one partition, keeping the partition column."""
+        if not self.exists(table, partition) and not self.partitions(table, partition[0] if partition else "date"):
+            raise FileNotFoundError(f"warehouse table '{table}' has not been written yet ({self.path(table, partition)})")
+        if partition:
+            return spark.read.option("basePath", str(self.path(table))).parquet(str(self.path(table, partition)))
+        return spark.read.parquet(str(self.path(table)))
+
+    def write_file(self, relative: str, content: str | bytes) -> Path:
+        """A report or picture under `warehouse/`, written atomically."""
+        return write_text(content, self.tables_dir / relative)

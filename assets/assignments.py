@@ -1,0 +1,145 @@
+"""Daily assignments: what the price engine applies each day, one partition per day.
+
+A day is computed from the experiment files, the catalogue and the clusters snapshot in force at
+each experiment's start only, so any day (or range: backfills run as one Spark job) can be
+computed alone, in any order. A published day is never changed: recomputing it must give the
+same rows, and a run that would alter a published day is refused before anything is written.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+
+import dagster as dg
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from assets.checks import gx_check_result
+from assets.partitions import daily_partitions
+from pipelines import assignment, experiments, quality
+
+ASSIGNMENT_CONTRACT = "assignment_contract"
+UNITS_MOVE_TOGETHER = "units_move_together"
+EXPERIMENTS_PUBLISHED = "experiments_published"
+
+
+def _days(window) -> list[dt.date]:
+    start, end = window.start.date(), window.end.date()  # end is exclusive
+    return [start + dt.timedelta(days=i) for i in range((end - start).days)]
+
+
+def _snapshot_in_force(snapshots: list[str], start: dt.date) -> str | None:
+    """The latest clusters snapshot dated on or before the experiment's start."""
+    eligible = [s for s in snapshots if dt.date.fromisoformat(s) <= start]
+    return eligible[-1] if eligible else None
+
+
+def _changed_days(new: DataFrame, published: DataFrame) -> list[dict]:
+    """Days whose recomputed rows differ from the published ones (rows added / removed)."""
+    columns = list(assignment.ASSIGNMENT_COLUMNS)
+    added = new.select(columns).exceptAll(published.select(columns)).groupBy("date").agg(F.count("*").alias("added"))
+    removed = published.select(columns).exceptAll(new.select(columns)).groupBy("date").agg(F.count("*").alias("removed"))
+    diff = added.join(removed, "date", "full").fillna(0).orderBy("date").collect()
+    return [{"date": str(r["date"]), "rows_added": int(r["added"]), "rows_removed": int(r["removed"])} for r in diff]
+
+
+@dg.asset(
+    group_name="assignments",
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=["experiments", "catalog", "product_clusters", "trigger_events"],
+    required_resource_keys={"spark", "warehouse"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            ASSIGNMENT_CONTRACT, asset="daily_assignments", blocking=True,
+            description="GX: keys present, arm in {treatment, control}, one arm per product and day",
+        ),
+        dg.AssetCheckSpec(
+            UNITS_MOVE_TOGETHER, asset="daily_assignments", blocking=True,
+            description="every product of a randomisation unit has the same arm on a day",
+        ),
+        dg.AssetCheckSpec(
+            EXPERIMENTS_PUBLISHED, asset="daily_assignments",
+            description="warns when an active experiment could not be assigned (e.g. no clusters snapshot)",
+        ),
+    ],
+)
+def daily_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """(date, experiment, product_id, unit_id, arm, blackout, price_change) for each day."""
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+    days = _days(context.partition_time_window)
+    specs = experiments.frame_to_specs(warehouse.read(spark, "experiments").toPandas())
+    active = [s for s in specs if s.start <= days[-1] and s.end >= days[0]]
+    catalog = warehouse.read(spark, "catalog")
+    snapshots = warehouse.partitions("product_clusters", "snapshot_date")
+    events = warehouse.read(spark, "trigger_events") if warehouse.exists("trigger_events") else None
+
+    units_by_experiment, not_published = {}, {}
+    for spec in active:
+        clusters = None
+        if spec.unit == "cluster":
+            snapshot = _snapshot_in_force(snapshots, spec.start)
+            if snapshot is None:
+                not_published[spec.name] = f"no product_clusters snapshot dated on or before its start {spec.start}"
+                context.log.error(f"experiment '{spec.name}' not assigned: {not_published[spec.name]}")
+                continue
+            clusters = warehouse.read(spark, "product_clusters", ("snapshot_date", snapshot)).drop("snapshot_date")
+        units_by_experiment[spec.name] = assignment.enrolment_units(spec, catalog, clusters)
+    runnable = [s for s in active if s.name in units_by_experiment]
+    context.log.info(f"computing {len(days)} day(s) {days[0]}..{days[-1]} for {len(runnable)} experiment(s)")
+    rows = assignment.assign_experiments(runnable, units_by_experiment, days, events).cache()
+
+    published_days = [d for d in days if warehouse.exists("daily_assignments", ("date", d.isoformat()))]
+    if published_days:
+        published = warehouse.read(spark, "daily_assignments").where(F.col("date").isin(published_days))
+        changed = _changed_days(rows.where(F.col("date").isin(published_days)), published)
+        if changed:
+            rows.unpersist()
+            raise dg.Failure(
+                description=(
+                    f"refused: {len(changed)} published day(s) would change ({changed[0]['date']} first). Published "
+                    "assignments never change; restore the experiment file as it was, or give the change a new "
+                    "experiment name with a start after today."
+                ),
+                metadata={"changed_days": dg.MetadataValue.json(changed)},
+            )
+    for day in days:
+        if day not in published_days:
+            warehouse.write(rows.where(F.col("date") == F.lit(day)), "daily_assignments", ("date", day.isoformat()))
+
+    outcome = quality.validate(rows, "assignments", quality.assignment_expectations())
+    n_split, split_examples = quality.split_units(rows)
+    counts = {
+        f"{r['experiment']}/{r['arm']}": int(r["count"])
+        for r in rows.groupBy("experiment", "arm").count().orderBy("experiment", "arm").collect()
+    }
+    rows.unpersist()
+
+    metadata = {
+        "days": len(days),
+        "days_already_published": len(published_days),
+        "rows_per_experiment_arm": dg.MetadataValue.json(counts),
+    }
+    for spec in runnable:
+        published = warehouse.read(spark, "daily_assignments").where(F.col("experiment") == spec.name)
+        units = [r[0] for r in published.select("unit_id").distinct().orderBy("unit_id").limit(40).collect()]
+        frame = published.where(F.col("unit_id").isin(units)).toPandas()
+        picture = assignment.assignment_calendar_png(frame, spec.name)
+        warehouse.write_file(f"plots/assignments_{spec.name}.png", picture)
+        metadata[f"calendar_{spec.name}"] = dg.MetadataValue.md(
+            f"![{spec.name}](data:image/png;base64,{base64.b64encode(picture).decode()})"
+        )
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=[
+            gx_check_result(ASSIGNMENT_CONTRACT, outcome),
+            dg.AssetCheckResult(
+                check_name=UNITS_MOVE_TOGETHER, passed=n_split == 0,
+                metadata={"split_units": n_split, "examples": dg.MetadataValue.json(split_examples)},
+            ),
+            dg.AssetCheckResult(
+                check_name=EXPERIMENTS_PUBLISHED, passed=not not_published, severity=dg.AssetCheckSeverity.WARN,
+                metadata={"not_published": dg.MetadataValue.json(not_published)},
+            ),
+        ],
+    )

@@ -1,0 +1,71 @@
+"""Product clusters: substitutes grouped so they are randomised together.
+
+One clusters snapshot per graph snapshot, written once, like the graph itself.
+"""
+from __future__ import annotations
+
+import base64
+
+import dagster as dg
+from pyspark.sql import functions as F
+
+from pipelines import clustering
+
+MAX_CLUSTER_SIZE = 40
+EVERY_PRODUCT_ONE_CLUSTER = "every_product_in_one_cluster"
+
+
+@dg.asset(
+    group_name="graph",
+    deps=["substitution_graph", "catalog"],
+    required_resource_keys={"spark", "warehouse"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            EVERY_PRODUCT_ONE_CLUSTER, asset="product_clusters", blocking=True,
+            description=f"every catalogue product has exactly one cluster, of at most {MAX_CLUSTER_SIZE} products",
+        )
+    ],
+)
+def product_clusters(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """(product_id, cluster_id) for every product: components, then Leiden inside each."""
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+    snapshots = warehouse.partitions("substitution_graph", "snapshot_date")
+    if not snapshots:
+        raise dg.Failure("product_clusters: no substitution_graph snapshot has been built yet")
+    partition = ("snapshot_date", snapshots[-1])
+    edges = warehouse.read(spark, "substitution_graph", partition)
+    products = warehouse.read(spark, "catalog").select("product_id")
+    reused = warehouse.exists("product_clusters", partition)
+    if reused:
+        context.log.info(f"clusters for snapshot {snapshots[-1]} exist and are never rewritten; reusing them")
+    else:
+        clusters = clustering.cluster_products(edges, products, max_cluster_size=MAX_CLUSTER_SIZE)
+        warehouse.write(clusters, "product_clusters", partition)
+    clusters = warehouse.read(spark, "product_clusters", partition)
+    metrics = clustering.cluster_metrics(edges, clusters)
+    picture = clustering.largest_clusters_png(edges, clusters)
+    picture_path = warehouse.write_file(f"plots/clusters_{snapshots[-1]}.png", picture)
+
+    per_product = clusters.groupBy("product_id").agg(F.countDistinct("cluster_id").alias("n"))
+    problems = {
+        "products_without_cluster": products.join(clusters, "product_id", "left_anti").count(),
+        "products_in_several_clusters": per_product.where("n > 1").count(),
+        "clusters_over_max_size": clusters.groupBy("cluster_id").count().where(F.col("count") > MAX_CLUSTER_SIZE).count(),
+    }
+    return dg.MaterializeResult(
+        metadata={
+            "snapshot_date": snapshots[-1],
+            "reused_snapshot": reused,
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+            "metrics": dg.MetadataValue.json(metrics),
+            "largest_clusters": dg.MetadataValue.md(
+                f"![largest clusters](data:image/png;base64,{base64.b64encode(picture).decode()})"
+            ),
+            "largest_clusters_png": dg.MetadataValue.path(str(picture_path)),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=EVERY_PRODUCT_ONE_CLUSTER, passed=not any(problems.values()), metadata=problems
+            )
+        ],
+    )

@@ -1,0 +1,53 @@
+"""The substitution graph: whose demand moves when another product's price moves.
+
+Snapshots are dated and written once (`substitution_graph/snapshot_date=D/`, built from the 365
+days before D): experiments keep the snapshot in force at their start, so a snapshot that
+assignments may depend on is never rewritten.
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+import dagster as dg
+from pyspark.sql import functions as F
+
+from pipelines import graph, inputs
+
+
+class SnapshotConfig(dg.Config):
+    """`snapshot_date` (YYYY-MM-DD): the day the snapshot is in force from. Default: the day
+    after the last sales day."""
+
+    snapshot_date: str = ""
+
+
+def resolve_snapshot_date(config: SnapshotConfig, sales) -> dt.date:
+    if config.snapshot_date:
+        return dt.date.fromisoformat(config.snapshot_date)
+    last = sales.agg(F.max("date")).first()[0]
+    if last is None:
+        raise dg.Failure("substitution_graph: the sales table is empty, so there is no history to build a graph from")
+    return last + dt.timedelta(days=1)
+
+
+@dg.asset(group_name="graph", deps=["sales", "catalog"], required_resource_keys={"spark", "warehouse"})
+def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig) -> dg.MaterializeResult:
+    """Edges (src, dst, weight, corr, n_days) between substitutes, one dated snapshot per build."""
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+    sales = warehouse.read(spark, "sales")
+    snapshot = resolve_snapshot_date(config, sales)
+    partition = ("snapshot_date", snapshot.isoformat())
+    if warehouse.exists("substitution_graph", partition):
+        context.log.info(f"snapshot {snapshot} exists and is never rewritten; reusing it")
+        edges, reused = warehouse.read(spark, "substitution_graph", partition), True
+    else:
+        catalog = warehouse.read(spark, "catalog")
+        related = inputs.load_related_pairs(spark, warehouse.root)
+        context.log.info(f"building the substitution graph for snapshot {snapshot} (365 days of history)")
+        built = graph.build_substitution_graph(sales, catalog, snapshot, related_pairs=related)
+        warehouse.write(built, "substitution_graph", partition)
+        edges, reused = warehouse.read(spark, "substitution_graph", partition), False
+    summary = graph.graph_summary(edges)
+    return dg.MaterializeResult(
+        metadata={"snapshot_date": snapshot.isoformat(), "reused_snapshot": reused, **summary}
+    )

@@ -1,0 +1,167 @@
+"""Inputs: the catalogue, daily sales, trigger events and experiment files, validated.
+
+Each asset reads `input/`, refuses what breaks the contract (kept aside in
+`warehouse/quarantine/<input>/` with file, row key, field and reason), writes the good rows and
+reports. The blocking checks fail when the input as a whole is suspect (more than 1% broken rows),
+so nothing downstream is computed from it.
+"""
+from __future__ import annotations
+
+import dagster as dg
+from pyspark.sql import functions as F
+
+from assets.checks import gx_check_result, refused_rows_result
+from pipelines import experiments as experiment_files
+from pipelines import inputs, quality
+
+MAX_BAD_SHARE = 0.01
+
+CATALOG_CONTRACT = "catalog_contract"
+CATALOG_REFUSED_ROWS = "catalog_refused_rows"
+SALES_CONTRACT = "sales_contract"
+SALES_REFUSED_ROWS = "sales_refused_rows"
+EXPERIMENT_FILES_VALID = "experiment_files_valid"
+
+
+def _log_refusals(context, name: str, counts: dict, examples: list, refused_files: list) -> None:
+    for message in refused_files:
+        context.log.error(f"{name}: file refused: {message}")
+    for reason, n in counts.items():
+        context.log.warning(f"{name}: {n} row(s) refused ({reason})")
+    for row in examples:
+        context.log.warning(f"{name}: e.g. {row['file']} row {row['row_key']}: field '{row['field']}' {row['reason']}")
+
+
+@dg.asset(
+    group_name="inputs",
+    required_resource_keys={"spark", "warehouse"},
+    check_specs=[
+        dg.AssetCheckSpec(CATALOG_CONTRACT, asset="catalog", blocking=True, description="GX: keys present and unique"),
+        dg.AssetCheckSpec(CATALOG_REFUSED_ROWS, asset="catalog", description="warns when rows were refused"),
+    ],
+)
+def catalog(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """The product catalogue: product_id, category, subclass and attributes (forest features)."""
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+    loaded = inputs.load_catalog(spark, warehouse.root)
+    outcome = quality.validate(loaded.raw, "catalog", quality.catalog_expectations(MAX_BAD_SHARE))
+    counts, examples = inputs.rejection_summary(loaded.rejected)
+    _log_refusals(context, "catalog", counts, examples, loaded.refused_files)
+    warehouse.write(loaded.rejected, "quarantine/catalog")
+    warehouse.write(loaded.rows, "catalog")
+    table = warehouse.read(spark, "catalog")
+    per_category = {r["category"]: int(r["count"]) for r in table.groupBy("category").count().collect()}
+    return dg.MaterializeResult(
+        metadata={
+            "products": sum(per_category.values()),
+            "subclasses": table.select("subclass").distinct().count(),
+            "products_per_category": dg.MetadataValue.json(per_category),
+            "attributes": dg.MetadataValue.json([c for c in table.columns if c not in inputs.CATALOG_COLUMNS]),
+        },
+        check_results=[
+            gx_check_result(CATALOG_CONTRACT, outcome),
+            refused_rows_result(CATALOG_REFUSED_ROWS, counts, examples, loaded.refused_files),
+        ],
+    )
+
+
+def sales_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
+    """The sales contract checks, for every asset that reads `input/sales/`."""
+    return [
+        dg.AssetCheckSpec(
+            SALES_CONTRACT, asset=asset, blocking=True,
+            description="GX: price > 0, units >= 0, keys present, unique (product_id, date); <=1% broken rows",
+        ),
+        dg.AssetCheckSpec(SALES_REFUSED_ROWS, asset=asset, description="warns when rows were refused"),
+    ]
+
+
+def load_checked_sales(context, asset: str) -> tuple[inputs.LoadedInput, list[dg.AssetCheckResult], int]:
+    """Read `input/sales/`, keep refused rows aside (quarantine/<asset>), run the contract suite."""
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+    loaded = inputs.load_sales(spark, warehouse.root, catalog=warehouse.read(spark, "catalog"))
+    outcome = quality.validate(loaded.raw, "sales", quality.sales_expectations(MAX_BAD_SHARE))
+    counts, examples = inputs.rejection_summary(loaded.rejected)
+    _log_refusals(context, asset, counts, examples, loaded.refused_files)
+    warehouse.write(loaded.rejected, f"quarantine/{asset}")
+    checks = [
+        gx_check_result(SALES_CONTRACT, outcome),
+        refused_rows_result(SALES_REFUSED_ROWS, counts, examples, loaded.refused_files),
+    ]
+    return loaded, checks, sum(counts.values())
+
+
+@dg.asset(
+    group_name="inputs",
+    deps=[catalog],
+    required_resource_keys={"spark", "warehouse"},
+    check_specs=sales_check_specs("sales"),
+)
+def sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """Every day of sales in `input/sales/` (history and new daily drops), one row per product-day."""
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+    loaded, checks, refused = load_checked_sales(context, "sales")
+    warehouse.write(loaded.rows, "sales")
+    stored = warehouse.read(spark, "sales")
+    stats = stored.agg(
+        F.count("*").alias("rows"), F.countDistinct("product_id").alias("products"),
+        F.min("date").alias("first_day"), F.max("date").alias("last_day"),
+    ).first()
+    return dg.MaterializeResult(
+        metadata={
+            "rows": stats["rows"],
+            "products": stats["products"],
+            "first_day": str(stats["first_day"]),
+            "last_day": str(stats["last_day"]),
+            "refused_rows": refused,
+        },
+        check_results=checks,
+    )
+
+
+@dg.asset(group_name="inputs", required_resource_keys={"spark", "warehouse"})
+def trigger_events(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """Dated outside events (e.g. a competitor's discount) that start triggered experiments."""
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+    loaded = inputs.load_trigger_events(spark, warehouse.root)
+    counts, examples = inputs.rejection_summary(loaded.rejected)
+    _log_refusals(context, "trigger_events", counts, examples, loaded.refused_files)
+    warehouse.write(loaded.rows, "trigger_events")
+    per_event = {r["event"]: int(r["count"]) for r in warehouse.read(spark, "trigger_events").groupBy("event").count().collect()}
+    return dg.MaterializeResult(
+        metadata={"events": dg.MetadataValue.json(per_event), "refused_rows": sum(counts.values())}
+    )
+
+
+@dg.asset(
+    group_name="inputs",
+    deps=[catalog],
+    required_resource_keys={"spark", "warehouse"},
+    check_specs=[
+        dg.AssetCheckSpec(EXPERIMENT_FILES_VALID, asset="experiments", description="warns when a file was refused"),
+    ],
+)
+def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """Experiment definitions from `input/experiments/*.yaml`; a bad file is refused alone."""
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+    known = warehouse.read(spark, "catalog").select("product_id", "category", "subclass").toPandas()
+    specs, errors = experiment_files.load_experiments(warehouse.input_dir / "experiments", known)
+    for error in errors:
+        context.log.error(f"experiment refused: {error}")
+    warehouse.write(experiment_files.specs_to_frame(specs), "experiments")
+    return dg.MaterializeResult(
+        metadata={
+            "experiments": dg.MetadataValue.json(
+                {s.name: {"design": s.design, "start": str(s.start), "end": str(s.end), "unit": s.unit} for s in specs}
+            ),
+            "refused": len(errors),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=EXPERIMENT_FILES_VALID,
+                passed=not errors,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"refused": dg.MetadataValue.json([str(e) for e in errors])},
+            )
+        ],
+    )

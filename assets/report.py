@@ -1,0 +1,37 @@
+"""The report a pricing scientist reads: the results table, a picture, what was not estimated."""
+from __future__ import annotations
+
+import base64
+
+import dagster as dg
+from pyspark.sql import functions as F
+
+from assets.mode import demo_mode
+from pipelines import report
+
+
+@dg.asset(
+    group_name="results",
+    deps=["experiment_results"] + (["simulator_truth"] if demo_mode() else []),
+    required_resource_keys={"spark", "warehouse"},
+)
+def experiment_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """`warehouse/report/report.md` and `effects.png`; in demo mode with the true effects beside."""
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+    results = warehouse.read(spark, "experiment_results").toPandas()
+    truth = warehouse.read(spark, "simulator_truth").toPandas() if demo_mode() and warehouse.exists("simulator_truth") else None
+    table = report.results_table(results, truth)
+    problems = {}
+    specs = warehouse.read(spark, "experiments").select("name").toPandas()["name"]
+    for name in sorted(set(specs) - set(results["experiment"])):
+        problems[name] = "not estimated yet (see the experiment_results run log)"
+    as_of = results["as_of"].max() if not results.empty else None
+    picture = report.effects_png(table) if not table.empty else b""
+    if picture:
+        warehouse.write_file("report/effects.png", picture)
+    path = warehouse.write_file("report/report.md", report.report_markdown(table, problems, as_of))
+    context.log.info("experiment results:\n" + report.format_table(table))
+    metadata = {"report": dg.MetadataValue.path(str(path)), "table": dg.MetadataValue.md(report.format_table(table))}
+    if picture:
+        metadata["effects"] = dg.MetadataValue.md(f"![effects](data:image/png;base64,{base64.b64encode(picture).decode()})")
+    return dg.MaterializeResult(metadata=metadata)

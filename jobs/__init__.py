@@ -1,0 +1,1 @@
+"""Dagster wiring: resources, partitions, jobs, schedules and the one `Definitions` object."""

@@ -1,0 +1,79 @@
+"""The experiment report: a results table (with the simulator's truth beside it in demo mode) and
+a picture of each estimate with its 95% interval."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+
+
+def results_table(results: pd.DataFrame, truth: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The columns a person reads first; `truth` (experiment, true_direct_effect) adds a check."""
+    table = results[
+        ["experiment", "design", "estimator", "effect", "se", "ci_low", "ci_high", "relative_effect", "n_products", "n_trimmed"]
+    ].copy()
+    if truth is not None and not truth.empty:
+        table = table.merge(truth[["experiment", "true_direct_effect"]], on="experiment", how="left")
+        table["covered"] = (table["ci_low"] <= table["true_direct_effect"]) & (table["true_direct_effect"] <= table["ci_high"])
+    return table.sort_values(["experiment", "estimator"]).reset_index(drop=True)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """A fixed-width text table for the terminal and Markdown reports (pipe-delimited)."""
+
+    def cell(value) -> str:
+        if isinstance(value, (bool, np.bool_)):
+            return "yes" if value else "NO"
+        if isinstance(value, (float, np.floating)):
+            return "" if np.isnan(value) else f"{value:.3f}"
+        return str(value)
+
+    header = list(table.columns)
+    body = [[cell(v) for v in row] for row in table.itertuples(index=False)]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule, *[line(r) for r in body]])
+
+
+def effects_png(table: pd.DataFrame) -> bytes:
+    """Each experiment's estimate and 95% interval (and the truth, when known), one row each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.experiment} [{r.estimator}]" for r in table.itertuples()]
+    y = np.arange(len(table))[::-1]
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(table) + 1.4))
+    ax.errorbar(
+        table["effect"],
+        y,
+        xerr=[table["effect"] - table["ci_low"], table["ci_high"] - table["effect"]],
+        fmt="o",
+        color="#1f5fa8",
+        capsize=4,
+        label="estimate, 95% interval",
+    )
+    if "true_direct_effect" in table:
+        ax.scatter(table["true_direct_effect"], y, marker="x", color="#c0392b", zorder=3, label="simulator truth")
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(y, labels)
+    ax.set_xlabel("effect per product-day (metric units)")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title("Experiment effects")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def report_markdown(table: pd.DataFrame, problems: dict[str, str], as_of) -> str:
+    """The report as Markdown: the table, experiments that could not be estimated, and why."""
+    lines = [f"# pricelab experiment report (sales up to {as_of})", "", format_table(table), ""]
+    if problems:
+        lines += ["## Not estimated", ""] + [f"- `{name}`: {why}" for name, why in sorted(problems.items())] + [""]
+    lines += ["![effects](effects.png)", ""]
+    return "\n".join(lines)

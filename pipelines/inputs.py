@@ -89,7 +89,7 @@ def _cast(df: DataFrame, columns: dict[str, T.DataType]) -> DataFrame:
     """Cast required/optional columns to the contract type; originals kept as `_raw_<col>`."""
     for name, dtype in columns.items():
         if name in df.columns:
-            df = df.withColumn(f"_raw_{name}", F.col(name).cast("string")).withColumn(name, F.col(name).cast(dtype))
+            df = df.withColumn(f"_raw_{name}", F.col(name).cast("string")).withColumn(name, F.col(name).try_cast(dtype))
     return df
 
 

@@ -7,6 +7,7 @@ Dagster resource and the tests call `get_spark`, so code runs the same way every
 from __future__ import annotations
 
 import os
+import sys
 
 from pyspark.sql import SparkSession
 
@@ -38,6 +39,8 @@ def get_spark(
     `remote` (a Spark Connect URL) wins over `master`. Unset arguments fall back to the
     environment variables above, then to an embedded `local[*]` session.
     """
+    # Python workers (pandas UDFs) must use this interpreter, with its packages.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     remote = remote or os.environ.get("PRICELAB_SPARK_REMOTE") or None
     master = master or os.environ.get("PRICELAB_SPARK_MASTER") or "local[*]"
     builder = SparkSession.builder.appName(app_name)

@@ -5,7 +5,6 @@ each experiment's start only, so any day (or range: backfills run as one Spark j
 computed alone, in any order. A published day is never changed: recomputing it must give the
 same rows, and a run that would alter a published day is refused before anything is written.
 """
-from __future__ import annotations
 
 import base64
 import datetime as dt

@@ -1,5 +1,4 @@
 """Turning a quality outcome into a Dagster asset check result, the same way everywhere."""
-from __future__ import annotations
 
 import dagster as dg
 

@@ -2,7 +2,6 @@
 
 One clusters snapshot per graph snapshot, written once, like the graph itself.
 """
-from __future__ import annotations
 
 import base64
 

@@ -1,5 +1,4 @@
 """From sales to effects: the enrolled products' sales, their first differences, the estimates."""
-from __future__ import annotations
 
 import datetime as dt
 

@@ -4,7 +4,6 @@ Snapshots are dated and written once (`substitution_graph/snapshot_date=D/`, bui
 days before D): experiments keep the snapshot in force at their start, so a snapshot that
 assignments may depend on is never rewritten.
 """
-from __future__ import annotations
 
 import datetime as dt
 

@@ -5,7 +5,6 @@ Each asset reads `input/`, refuses what breaks the contract (kept aside in
 reports. The blocking checks fail when the input as a whole is suspect (more than 1% broken rows),
 so nothing downstream is computed from it.
 """
-from __future__ import annotations
 
 import dagster as dg
 from pyspark.sql import functions as F

@@ -1,6 +1,5 @@
 """Demo mode: PRICELAB_DEMO=1 (set by `make demo`) adds the simulator's assets. Without it no
 asset simulates anything and sales come only from `input/sales/`."""
-from __future__ import annotations
 
 import os
 

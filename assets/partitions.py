@@ -1,6 +1,5 @@
 """Daily partitions, defined once. Today's partition exists (end_offset=1) so the morning
 schedule can publish the day's assignments before the day's prices go live."""
-from __future__ import annotations
 
 import os
 

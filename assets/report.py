@@ -1,5 +1,4 @@
 """The report a pricing scientist reads: the results table, a picture, what was not estimated."""
-from __future__ import annotations
 
 import base64
 

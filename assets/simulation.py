@@ -5,7 +5,6 @@
 `input/sales/`, exactly as a real feed would. `simulator_truth` is what no real data set has:
 the true effects of the published assignments, for the report to put beside the estimates.
 """
-from __future__ import annotations
 
 import datetime as dt
 import os

@@ -3,7 +3,6 @@
 Demo mode (PRICELAB_DEMO=1) adds the simulator's assets; everything else is the same in a real
 deployment. Jobs run in-process so a run starts one JVM, not one per step.
 """
-from __future__ import annotations
 
 import dagster as dg
 

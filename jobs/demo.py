@@ -34,7 +34,10 @@ def _step(message: str, started: float) -> None:
 def _run(job_name: str, instance: dg.DagsterInstance, tags: dict | None = None) -> None:
     from jobs.definitions import defs
 
-    result = defs.get_job_def(job_name).execute_in_process(instance=instance, tags=tags or {}, raise_on_error=False)
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # our progress lines, not Dagster's DEBUG events
+    result = defs.get_job_def(job_name).execute_in_process(
+        run_config=quiet, instance=instance, tags=tags or {}, raise_on_error=False
+    )
     failed_checks = [
         e.asset_check_evaluation_data
         for e in result.all_events

@@ -102,9 +102,11 @@ def daily_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult
                 ),
                 metadata={"changed_days": dg.MetadataValue.json(changed)},
             )
-    for day in days:
-        if day not in published_days:
-            warehouse.write(rows.where(F.col("date") == F.lit(day)), "daily_assignments", ("date", day.isoformat()))
+    new_days = [d for d in days if d not in published_days]
+    if new_days:
+        warehouse.write_partitions(
+            rows.where(F.col("date").isin(new_days)), "daily_assignments", "date", [d.isoformat() for d in new_days]
+        )
 
     outcome = quality.validate(rows, "assignments", quality.assignment_expectations())
     n_split, split_examples = quality.split_units(rows)

@@ -122,6 +122,25 @@ class Warehouse:
         frame = df.drop(partition[0]) if partition else df
         return write_spark_parquet(frame, target)
 
+    def write_partitions(self, df: DataFrame, table: str, key: str, values: list[str]) -> list[Path]:
+        """Write several partitions of a Spark DataFrame in one Spark job, each moved into place
+        atomically. A value with no rows gets an empty partition (published as "nothing")."""
+        staging = _tmp_sibling(self.path(table))
+        df.write.partitionBy(key).parquet(str(staging))
+        empty = staging / "_empty"
+        written = []
+        for value in values:
+            source = staging / f"{key}={value}"
+            if not parquet_exists(source):
+                if not empty.exists():
+                    df.sparkSession.createDataFrame([], df.drop(key).schema).coalesce(1).write.parquet(str(empty))
+                shutil.copytree(empty, source, dirs_exist_ok=True)
+            target = self.path(table, (key, value))
+            _swap_into_place(source, target)
+            written.append(target)
+        shutil.rmtree(staging, ignore_errors=True)
+        return written
+
     def read(self, spark: SparkSession, table: str, partition: tuple[str, str] | None = None) -> DataFrame:
         """Read a table (all partitions) or one partition, keeping the partition column."""
         if not self.exists(table, partition) and not self.partitions(table, partition[0] if partition else "date"):

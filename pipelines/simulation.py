@@ -949,7 +949,13 @@ def demo_experiments(config: MarketConfig = MarketConfig()) -> dict[str, str]:
     return files
 
 
-def write_demo_inputs(data_dir: str | os.PathLike, config: MarketConfig = MarketConfig()) -> Path:
+# The embedded demo market: defaults, with mild carryover (a treated day leaves 10% of its effect
+# on the next day). With the default 0.5, random days lose a third of the effect to carryover by
+# construction (controls inherit rho/(2-rho) of it); benchmarks/estimators.py shows that case.
+DEMO_CONFIG = MarketConfig(carryover_decay=0.1)
+
+
+def write_demo_inputs(data_dir: str | os.PathLike, config: MarketConfig = DEMO_CONFIG) -> Path:
     """Write the demo's contract-v1 inputs and the simulator's world under `data_dir`.
 
     input/catalog.parquet, input/sales/history.parquet, input/trigger_events.parquet (history
@@ -957,7 +963,10 @@ def write_demo_inputs(data_dir: str | os.PathLike, config: MarketConfig = Market
     input/experiments/*.yaml, and simulator/ (the world, for closed-loop sales and truth).
     """
     root = Path(data_dir)
-    print(f"simulating a market: {config.n_products} products, seed {config.seed}")
+    print(
+        f"simulating a market: {config.n_products} products in {config.n_subclasses} subclasses, "
+        f"seed {config.seed}, carryover decay {config.carryover_decay}/day"
+    )
     world = simulate_market(config)
     save_world(world, root / "simulator")
     print(f"  world -> {root / 'simulator'} ({len(world.true_edges)} true edges)")
@@ -987,8 +996,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write the demo inputs (catalogue, history, experiments)")
     gen.add_argument("--data-dir", default=os.environ.get("PRICELAB_DATA_DIR", "data"))
-    gen.add_argument("--products", type=int, default=MarketConfig.n_products)
-    gen.add_argument("--seed", type=int, default=MarketConfig.seed)
+    gen.add_argument("--products", type=int, default=DEMO_CONFIG.n_products)
+    gen.add_argument("--seed", type=int, default=DEMO_CONFIG.seed)
+    gen.add_argument("--carryover", type=float, default=DEMO_CONFIG.carryover_decay, help="carryover decay per day")
     gen.add_argument("--force", action="store_true", help="overwrite existing inputs")
     args = parser.parse_args(argv)
     root = Path(args.data_dir)
@@ -996,7 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
     if catalog.exists() and not args.force:
         print(f"{catalog} already exists: nothing to do (use --force to regenerate)")
         return 0
-    write_demo_inputs(root, MarketConfig(n_products=args.products, seed=args.seed))
+    config = dataclasses.replace(DEMO_CONFIG, n_products=args.products, seed=args.seed, carryover_decay=args.carryover)
+    write_demo_inputs(root, config)
     return 0
 
 

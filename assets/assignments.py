@@ -1,8 +1,10 @@
 """Daily assignments: what the price engine applies each day, one partition per day.
 
-A day is computed from the experiment files, the catalogue and the clusters snapshot in force at
-each experiment's start only, so any day (or range: backfills run as one Spark job) can be
-computed alone, in any order. A published day is never changed: recomputing it must give the
+A day is computed from the experiment files and each experiment's enrolment (its products, units
+and strata from the catalogue and the clusters snapshot in force at its start), so any day (or a
+range: backfills run as one Spark job) can be computed alone, in any order. The enrolment is
+written once, at the experiment's first publication (`warehouse/enrolments/experiment=<name>/`),
+so a product added to the catalogue later never shifts a running experiment's arms. A published day is never changed: recomputing it must give the
 same rows, and a run that would alter a published day is refused before anything is written.
 """
 
@@ -73,8 +75,15 @@ def daily_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     snapshots = warehouse.partitions("product_clusters", "snapshot_date")
     events = warehouse.read(spark, "trigger_events") if warehouse.exists("trigger_events") else None
 
-    units_by_experiment, not_published = {}, {}
+    units_by_experiment, not_published, frozen = {}, {}, []
     for spec in active:
+        enrolment = ("experiment", spec.name)
+        if warehouse.exists("enrolments", enrolment):
+            # frozen at the experiment's first publication: products added to the catalogue (or a
+            # later edit of the population) never move units that days were already published for
+            units_by_experiment[spec.name] = warehouse.read(spark, "enrolments", enrolment).drop("experiment")
+            frozen.append(spec.name)
+            continue
         clusters = None
         if spec.unit == "cluster":
             snapshot = _snapshot_in_force(snapshots, spec.start)
@@ -83,7 +92,8 @@ def daily_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult
                 context.log.error(f"experiment '{spec.name}' not assigned: {not_published[spec.name]}")
                 continue
             clusters = warehouse.read(spark, "product_clusters", ("snapshot_date", snapshot)).drop("snapshot_date")
-        units_by_experiment[spec.name] = assignment.enrolment_units(spec, catalog, clusters)
+        warehouse.write(assignment.enrolment_units(spec, catalog, clusters), "enrolments", enrolment)
+        units_by_experiment[spec.name] = warehouse.read(spark, "enrolments", enrolment).drop("experiment")
     runnable = [s for s in active if s.name in units_by_experiment]
     context.log.info(f"computing {len(days)} day(s) {days[0]}..{days[-1]} for {len(runnable)} experiment(s)")
     rows = assignment.assign_experiments(runnable, units_by_experiment, days, events).cache()
@@ -119,6 +129,7 @@ def daily_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     metadata = {
         "days": len(days),
         "days_already_published": len(published_days),
+        "enrolments_reused": dg.MetadataValue.json(frozen),
         "rows_per_experiment_arm": dg.MetadataValue.json(counts),
     }
     for spec in runnable:

@@ -136,7 +136,7 @@ def daily_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult
         published = warehouse.read(spark, "daily_assignments").where(F.col("experiment") == spec.name)
         units = [r[0] for r in published.select("unit_id").distinct().orderBy("unit_id").limit(40).collect()]
         frame = published.where(F.col("unit_id").isin(units)).toPandas()
-        picture = assignment.assignment_calendar_png(frame, spec.name)
+        picture = assignment.assignment_calendar_png(frame, spec.name, design=spec.design)
         warehouse.write_file(f"plots/assignments_{spec.name}.png", picture)
         metadata[f"calendar_{spec.name}"] = dg.MetadataValue.md(
             f"![{spec.name}](data:image/png;base64,{base64.b64encode(picture).decode()})"

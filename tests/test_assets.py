@@ -63,6 +63,14 @@ def test_the_whole_flow_on_a_tiny_market(spark, tiny_market, tmp_path):
     after = warehouse.read(spark, "daily_assignments", ("date", "2026-01-20")).toPandas()
     pd.testing.assert_frame_equal(before.sort_values("product_id").reset_index(drop=True), after.sort_values("product_id").reset_index(drop=True))
 
+    # a product added to the catalogue mid-experiment does not move a running experiment's units
+    catalog_file = data / "input" / "catalog.parquet"
+    catalog = pd.read_parquet(catalog_file)
+    newcomer = catalog[catalog["category"] == "kitchen"].head(1).assign(product_id="P-NEW")
+    pd.concat([catalog, newcomer]).to_parquet(catalog_file, index=False)
+    grown = _materialize(data, ["catalog", "experiments", "daily_assignments"], partition_key="2026-01-20")
+    assert grown.success, [e.message for e in grown.all_events if e.is_failure]
+
     experiment_file = data / "input" / "experiments" / "time-bound-kitchen.yaml"
     experiment_file.write_text(experiment_file.read_text().replace("seed:", "seed: 99 #"))
     refused = _materialize(data, ["experiments", "daily_assignments"], partition_key="2026-01-20")

@@ -1,0 +1,425 @@
+"""The substitution graph: whose demand moves when another product's price moves.
+
+For every candidate pair (i, j) we correlate i's day-over-day price changes with j's day-over-day
+demand changes (and j's with i's) over the `window_days` days before the snapshot, after removing
+each product's level, weekday pattern and smooth trend. A positive correlation means "i gets
+dearer, j sells more": substitutes. Pairs are tested with Fisher's z, one-sided in that direction,
+with Benjamini-Hochberg over every tested pair-direction of the whole graph.
+
+How it runs on Spark:
+- the panel is split into blocks (subclass by default) and one `applyInPandas` task per block
+  builds the block's (days x products) matrices and correlates all of its products at once with
+  masked matrix products — no self-join of the panel, no Python loop over pairs;
+- the Benjamini-Hochberg step (rank of every p-value among all tests) runs in Spark.
+
+Detrending (per product, on the days it has data): least squares of the series on a level, six
+weekday dummies and Legendre polynomials of degree `TREND_DEGREE` (2, a quadratic trend) in time,
+time scaled to the product's own first..last day in the window so a product that enters mid-year
+gets a trend over its own life, not an extrapolated one. Then day-over-day changes, only between
+two consecutive days that both have data (a missing day is missing, never zero).
+
+Candidates: every pair within a subclass; or, when `related_pairs` is given, only those pairs,
+each computed in the block of the subclass of its `product_id_a` (a pair listed both ways uses the
+smaller of the two subclasses). Products of other subclasses are shipped to that block as needed.
+
+Edge rule: a pair is an edge when at least one of its two directions is BH-significant
+(positive side) and the mean of its defined directional correlations `corr` is >= `min_corr`
+(and > 0). `weight` = the mean of the directional correlations each clipped at 0, so it is >= corr
+and > 0; `n_days` = the number of day-over-day changes both products have.
+"""
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from scipy.special import ndtr
+
+TREND_DEGREE = 2  # Legendre polynomial degree of the smooth trend (quadratic)
+_RIDGE = 1e-9  # relative ridge on the detrending normal equations (weekdays never observed)
+
+EDGE_COLUMNS = ["src", "dst", "weight", "corr", "n_days", "snapshot_date"]
+
+PAIR_STATS_SCHEMA = T.StructType(
+    [
+        T.StructField("block", T.StringType()),
+        T.StructField("src", T.StringType()),
+        T.StructField("dst", T.StringType()),
+        T.StructField("corr_src_dst", T.DoubleType()),  # price of src vs demand of dst
+        T.StructField("corr_dst_src", T.DoubleType()),  # price of dst vs demand of src
+        T.StructField("p_src_dst", T.DoubleType()),
+        T.StructField("p_dst_src", T.DoubleType()),
+        T.StructField("n_days", T.IntegerType()),
+    ]
+)
+
+
+def _detrended_changes(values: np.ndarray, observed: np.ndarray, weekday: np.ndarray) -> np.ndarray:
+    """Day-over-day changes of each column after removing level, weekday pattern and trend.
+
+    values, observed: (days, products); weekday: (days,) in 0..6. Returns (days-1, products)
+    changes, 0 where either day of the change is missing (use the matching mask).
+    """
+    n_days, n_products = values.shape
+    t = np.arange(n_days, dtype=float)[:, None]
+    first = observed.argmax(axis=0).astype(float)
+    last = (n_days - 1 - observed[::-1].argmax(axis=0)).astype(float)
+    span = np.maximum(last - first, 1.0)
+    scaled_time = np.clip(2.0 * (t - first) / span - 1.0, -1.0, 1.0)  # (days, products)
+    trend = np.polynomial.legendre.legvander(scaled_time, TREND_DEGREE)  # includes the level
+    weekday_dummies = (weekday[:, None] == np.arange(1, 7)[None, :]).astype(float)
+    design = np.concatenate(
+        [trend, np.broadcast_to(weekday_dummies[:, None, :], (n_days, n_products, 6))], axis=2
+    )  # (days, products, k)
+    mask = observed.astype(float)
+    y = np.where(observed, values, 0.0)
+    weighted = design * mask[:, :, None]
+    gram = np.einsum("tpk,tpl->pkl", weighted, design)
+    rhs = np.einsum("tpk,tp->pk", weighted, y)
+    k = design.shape[2]
+    scale = np.trace(gram, axis1=1, axis2=2)[:, None, None] / k
+    gram = gram + _RIDGE * np.maximum(scale, 1.0) * np.eye(k)[None]
+    coef = np.linalg.solve(gram, rhs[:, :, None])[:, :, 0]
+    residual = np.where(observed, y - np.einsum("tpk,pk->tp", design, coef), 0.0)
+    both = observed[1:] & observed[:-1]
+    return np.where(both, residual[1:] - residual[:-1], 0.0)
+
+
+def _masked_cross_correlation(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """corr[i, j] of column i of x with column j of y over the rows both i and j have (mask).
+
+    x and y are 0 where mask is False. Means and variances are taken over each pair's own
+    overlap, so products with different histories are compared honestly. Returns (corr, overlap).
+    """
+    w = mask.astype(float)
+    overlap = w.T @ w
+    sum_x = x.T @ w
+    sum_y = w.T @ y
+    sum_xx = (x * x).T @ w
+    sum_yy = w.T @ (y * y)
+    sum_xy = x.T @ y
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cov = sum_xy - sum_x * sum_y / overlap
+        var_x = sum_xx - sum_x**2 / overlap
+        var_y = sum_yy - sum_y**2 / overlap
+        denominator = np.sqrt(var_x * var_y)
+        tiny = 1e-12 * np.sqrt(np.maximum(sum_xx, 0) * np.maximum(sum_yy, 0))  # constant series
+        corr = np.where((denominator > tiny) & (overlap > 3), cov / denominator, np.nan)
+    return np.clip(corr, -1.0, 1.0), overlap.astype(np.int64)
+
+
+def _autocorrelations(x: np.ndarray, mask: np.ndarray, max_lag: int) -> np.ndarray:
+    """(products, max_lag) autocorrelations of each column at lags 1..max_lag, over observed pairs."""
+    w = mask.astype(float)
+    count = w.sum(axis=0)
+    mean = np.divide((x * w).sum(axis=0), count, out=np.zeros(x.shape[1]), where=count > 0)
+    centred = (x - mean) * w
+    variance = (centred**2).sum(axis=0)
+    rho = np.zeros((x.shape[1], max_lag))
+    for lag in range(1, min(max_lag, x.shape[0] - 1) + 1):  # a loop over lags, not over pairs
+        both = w[lag:] * w[:-lag]
+        lagged = (centred[lag:] * centred[:-lag] * both).sum(axis=0)
+        pairs = both.sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # the per-pair mean product over the overall mean square: Bartlett's estimator
+            rho[:, lag - 1] = np.where((pairs > 0) & (variance > 0), (lagged / pairs) / (variance / count), 0.0)
+    return np.clip(rho, -1.0, 1.0)
+
+
+def _variance_inflation(x: np.ndarray, y: np.ndarray, mask: np.ndarray, max_lag: int) -> np.ndarray:
+    """inflation[i, j] = 1 + 2 sum_k rho_xi(k) rho_yj(k), floored at 1 (Bartlett's formula).
+
+    Two independent autocorrelated series have var(r) ~ inflation / n, not 1 / n. Price changes
+    from multi-day promotions and the demand changes they cause are both autocorrelated at the
+    promotion length, so without this the test is anti-conservative.
+    """
+    if max_lag <= 0:
+        return np.ones((x.shape[1], y.shape[1]))
+    return np.maximum(1.0 + 2.0 * _autocorrelations(x, mask, max_lag) @ _autocorrelations(y, mask, max_lag).T, 1.0)
+
+
+def _one_sided_p(corr: np.ndarray, n_effective: np.ndarray) -> np.ndarray:
+    """P(r >= observed | no cross effect) by Fisher's z: z = atanh(r) * sqrt(n_eff - 3)."""
+    r = np.clip(corr, -1 + 1e-12, 1 - 1e-12)
+    z = np.arctanh(r) * np.sqrt(np.maximum(n_effective - 3, 1))
+    return ndtr(-z)
+
+
+def block_pair_statistics(
+    panel: pd.DataFrame,
+    pairs: pd.DataFrame | None,
+    window_start: date,
+    window_days: int,
+    min_overlap: int,
+    autocorrelation_lags: int = 14,
+) -> pd.DataFrame:
+    """One block's pair statistics (PAIR_STATS_SCHEMA) from its panel rows.
+
+    panel: block, product_id, day (0..window_days-1), price, units. pairs: src, dst (src < dst)
+    to keep, or None for every pair of the block. Pairs with overlap < min_overlap are dropped.
+    p-values use the effective overlap n / inflation (see `_variance_inflation`).
+    """
+    columns = [f.name for f in PAIR_STATS_SCHEMA.fields]
+    if panel.empty or (pairs is not None and pairs.empty):
+        return _empty_pair_stats()
+    block = panel["block"].iloc[0]
+    duplicated = panel.duplicated(["product_id", "day"])
+    if duplicated.any():
+        row = panel[duplicated].iloc[0]
+        raise ValueError(
+            f"sales: more than one row for product_id={row.product_id} on date "
+            f"{window_start + timedelta(days=int(row.day))}; the contract is one row per product and day"
+        )
+    bad = ~(panel["price"] > 0) | ~(panel["units"] >= 0)
+    if bad.any():
+        row = panel[bad].iloc[0]
+        raise ValueError(
+            f"sales: product_id={row.product_id} on {window_start + timedelta(days=int(row.day))} has "
+            f"price={row.price}, units={row.units}; price must be > 0 and units >= 0"
+        )
+    products = pd.Index(np.sort(panel["product_id"].unique()))
+    col = products.get_indexer(panel["product_id"])
+    day = panel["day"].to_numpy(dtype=np.int64)
+    observed = np.zeros((window_days, len(products)), dtype=bool)
+    observed[day, col] = True
+    log_price = np.zeros(observed.shape)
+    log_price[day, col] = np.log(panel["price"].to_numpy(dtype=float))
+    log_demand = np.zeros(observed.shape)
+    log_demand[day, col] = np.log1p(panel["units"].to_numpy(dtype=float))
+    weekday = (window_start.weekday() + np.arange(window_days)) % 7
+
+    price_changes = _detrended_changes(log_price, observed, weekday)
+    demand_changes = _detrended_changes(log_demand, observed, weekday)
+    change_observed = observed[1:] & observed[:-1]
+    corr, overlap = _masked_cross_correlation(price_changes, demand_changes, change_observed)
+    inflation = _variance_inflation(price_changes, demand_changes, change_observed, autocorrelation_lags)
+
+    if pairs is None:
+        i, j = np.triu_indices(len(products), k=1)
+    else:
+        i = products.get_indexer(pairs["src"])
+        j = products.get_indexer(pairs["dst"])
+        present = (i >= 0) & (j >= 0)  # a product may have been dropped for too few days
+        i, j = i[present], j[present]
+    n = overlap[i, j]
+    keep = n >= min_overlap
+    i, j, n = i[keep], j[keep], n[keep]
+    corr_ij, corr_ji = corr[i, j], corr[j, i]
+    keep = np.isfinite(corr_ij) | np.isfinite(corr_ji)
+    i, j, n, corr_ij, corr_ji = i[keep], j[keep], n[keep], corr_ij[keep], corr_ji[keep]
+    n_effective_ij = n / inflation[i, j]
+    n_effective_ji = n / inflation[j, i]
+    return pd.DataFrame(
+        {
+            "block": block,
+            "src": products[i].to_numpy(),
+            "dst": products[j].to_numpy(),
+            "corr_src_dst": corr_ij,
+            "corr_dst_src": corr_ji,
+            "p_src_dst": _one_sided_p(corr_ij, n_effective_ij),  # NaN stays NaN -> null
+            "p_dst_src": _one_sided_p(corr_ji, n_effective_ji),
+            "n_days": n.astype(np.int32),
+        },
+        columns=columns,
+    )
+
+
+def _empty_pair_stats() -> pd.DataFrame:
+    dtypes = {"block": object, "src": object, "dst": object, "n_days": np.int32}
+    return pd.DataFrame(
+        {f.name: pd.Series(dtype=dtypes.get(f.name, float)) for f in PAIR_STATS_SCHEMA.fields}
+    )
+
+
+def _candidate_blocks(catalog: DataFrame, related_pairs: DataFrame | None) -> tuple[DataFrame, DataFrame | None]:
+    """(block, product_id) membership and, with related_pairs, the (block, src, dst) candidates."""
+    subclass_of = catalog.select("product_id", F.col("subclass").alias("block")).where(F.col("block").isNotNull())
+    if related_pairs is None:
+        return subclass_of.dropDuplicates(["product_id"]), None
+    pairs = (
+        related_pairs.where(
+            F.col("product_id_a").isNotNull()
+            & F.col("product_id_b").isNotNull()
+            & (F.col("product_id_a") != F.col("product_id_b"))
+        )
+        .join(subclass_of.withColumnRenamed("product_id", "product_id_a"), "product_id_a")
+        .select(
+            "block",
+            F.least("product_id_a", "product_id_b").alias("src"),
+            F.greatest("product_id_a", "product_id_b").alias("dst"),
+        )
+        .groupBy("src", "dst")
+        .agg(F.min("block").alias("block"))
+    )
+    members = pairs.select("block", F.col("src").alias("product_id")).union(
+        pairs.select("block", F.col("dst").alias("product_id"))
+    ).distinct()
+    return members, pairs
+
+
+def _bh_threshold(stats: DataFrame, fdr: float) -> float | None:
+    """Largest p-value rejected by Benjamini-Hochberg over all pair-directions (None: nothing).
+
+    Only p <= fdr can be rejected, and its rank among all tests equals its rank among those,
+    so only that (small) subset is sorted; m is the count of all tests.
+    """
+    tests = stats.select(F.explode(F.array("p_src_dst", "p_dst_src")).alias("p")).where(
+        F.col("p").isNotNull() & ~F.isnan("p")
+    )
+    n_tests = tests.count()
+    if n_tests == 0:
+        return None
+    at_or_below = Window.orderBy("p").rangeBetween(Window.unboundedPreceding, Window.currentRow)
+    threshold = (
+        tests.where(F.col("p") <= fdr)
+        .withColumn("rank", F.count(F.lit(1)).over(at_or_below))
+        .where(F.col("p") <= F.col("rank") * F.lit(fdr / n_tests))
+        .agg(F.max("p"))
+        .first()[0]
+    )
+    return threshold
+
+
+def build_substitution_graph(
+    sales: DataFrame,
+    catalog: DataFrame,
+    snapshot_date: date,
+    related_pairs: DataFrame | None = None,
+    window_days: int = 365,
+    min_overlap: int = 60,
+    fdr: float = 0.05,
+    min_corr: float = 0.1,
+    autocorrelation_lags: int = 14,
+) -> DataFrame:
+    """Substitution edges (src < dst, weight, corr, n_days, snapshot_date) from a year of sales.
+
+    sales: contract v1 (product_id, date, price, units); catalog: product_id, subclass.
+    Uses the `window_days` days before `snapshot_date` (that day excluded). See the module
+    docstring for the detrending, the candidates, the test and the edge rule.
+    `autocorrelation_lags` (0 = off): lags of the Bartlett correction of the Fisher-z sample size.
+    """
+    if window_days < 2:
+        raise ValueError(f"window_days must be >= 2, got {window_days}")
+    if min_overlap < 4:
+        raise ValueError(f"min_overlap must be >= 4 (Fisher z needs n > 3), got {min_overlap}")
+    if not 0 < fdr < 1:
+        raise ValueError(f"fdr must be in (0, 1), got {fdr}")
+    if min_corr < 0:
+        raise ValueError(f"min_corr must be >= 0, got {min_corr}")
+    for name, frame, needed in (
+        ("sales", sales, ("product_id", "date", "price", "units")),
+        ("catalog", catalog, ("product_id", "subclass")),
+        ("related_pairs", related_pairs, ("product_id_a", "product_id_b")),
+    ):
+        missing = [c for c in needed if frame is not None and c not in frame.columns]
+        if missing:
+            raise ValueError(f"{name}: missing column(s) {missing}")
+
+    spark = sales.sparkSession
+    window_start = snapshot_date - timedelta(days=window_days)
+    panel = sales.where(
+        (F.col("date") >= F.lit(window_start)) & (F.col("date") < F.lit(snapshot_date))
+    ).select(
+        "product_id",
+        F.datediff("date", F.lit(window_start)).cast("int").alias("day"),
+        F.col("price").cast("double").alias("price"),
+        F.col("units").cast("double").alias("units"),
+    )
+    # A product with fewer than min_overlap + 1 days cannot reach min_overlap changes with anyone.
+    enough_days = panel.groupBy("product_id").count().where(F.col("count") >= min_overlap + 1)
+    panel = panel.join(enough_days.select("product_id"), "product_id", "left_semi")
+
+    members, pairs = _candidate_blocks(catalog, related_pairs)
+    block_panel = panel.join(members, "product_id")
+
+    if pairs is None:
+        def per_block(frame: pd.DataFrame) -> pd.DataFrame:
+            return block_pair_statistics(frame, None, window_start, window_days, min_overlap, autocorrelation_lags)
+
+        stats = block_panel.groupBy("block").applyInPandas(per_block, PAIR_STATS_SCHEMA)
+    else:
+        def per_block_with_pairs(frame: pd.DataFrame, block_pairs: pd.DataFrame) -> pd.DataFrame:
+            return block_pair_statistics(
+                frame, block_pairs, window_start, window_days, min_overlap, autocorrelation_lags
+            )
+
+        stats = (
+            block_panel.groupBy("block")
+            # renamed key: `members` was derived from `pairs`, the two sides need distinct columns
+            .cogroup(pairs.select(F.col("block").alias("pair_block"), "src", "dst").groupBy("pair_block"))
+            .applyInPandas(per_block_with_pairs, PAIR_STATS_SCHEMA)
+        )
+    # Computed once: the BH threshold and the edges below both read it.
+    stats = stats.localCheckpoint(eager=True)
+
+    threshold = _bh_threshold(stats, fdr)
+    if threshold is None:
+        return spark.createDataFrame([], _edge_schema())
+
+    def defined(column: str):
+        return F.when(F.isnan(column), None).otherwise(F.col(column))
+
+    def mean_defined(a, b):  # mean of the two directions, or the one that is defined
+        return (F.coalesce(a, b) + F.coalesce(b, a)) / 2.0
+
+    corr_sd, corr_ds = defined("corr_src_dst"), defined("corr_dst_src")
+    mean_of_defined = mean_defined(corr_sd, corr_ds)
+    # greatest() skips nulls, so clip only where the direction is defined.
+    clip_sd = F.when(corr_sd.isNotNull(), F.greatest(corr_sd, F.lit(0.0)))
+    clip_ds = F.when(corr_ds.isNotNull(), F.greatest(corr_ds, F.lit(0.0)))
+    mean_clipped = mean_defined(clip_sd, clip_ds)
+    significant = (F.col("p_src_dst") <= threshold) | (F.col("p_dst_src") <= threshold)
+    edges = (
+        stats.withColumn("corr", mean_of_defined)
+        .withColumn("weight", mean_clipped)
+        .where(F.coalesce(significant, F.lit(False)) & (F.col("corr") >= min_corr) & (F.col("corr") > 0))
+        .select(
+            "src",
+            "dst",
+            "weight",
+            "corr",
+            "n_days",
+            F.lit(snapshot_date).cast("date").alias("snapshot_date"),
+        )
+    )
+    return edges
+
+
+def _edge_schema() -> T.StructType:
+    return T.StructType(
+        [
+            T.StructField("src", T.StringType()),
+            T.StructField("dst", T.StringType()),
+            T.StructField("weight", T.DoubleType()),
+            T.StructField("corr", T.DoubleType()),
+            T.StructField("n_days", T.IntegerType()),
+            T.StructField("snapshot_date", T.DateType()),
+        ]
+    )
+
+
+def graph_summary(edges: DataFrame) -> dict:
+    """Edge count, nodes with an edge, mean degree and weight quantiles, for asset metadata."""
+    endpoints = edges.select(F.col("src").alias("node")).union(edges.select(F.col("dst").alias("node")))
+    n_nodes = endpoints.distinct().count()
+    row = edges.agg(
+        F.count(F.lit(1)).alias("edges"),
+        F.min("weight").alias("min"),
+        F.percentile("weight", 0.25).alias("p25"),
+        F.median("weight").alias("median"),
+        F.percentile("weight", 0.75).alias("p75"),
+        F.percentile("weight", 0.9).alias("p90"),
+        F.max("weight").alias("max"),
+    ).first()
+    n_edges = int(row["edges"])
+    return {
+        "edges": n_edges,
+        "nodes_with_edge": int(n_nodes),
+        "mean_degree": (2.0 * n_edges / n_nodes) if n_nodes else 0.0,
+        "weight_quantiles": {
+            q: (float(row[q]) if row[q] is not None else None) for q in ("min", "p25", "median", "p75", "p90", "max")
+        },
+    }

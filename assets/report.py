@@ -3,7 +3,6 @@
 import base64
 
 import dagster as dg
-from pyspark.sql import functions as F
 
 from assets.mode import demo_mode
 from pipelines import report

@@ -1,7 +1,8 @@
 """One SparkSession per process, configured from arguments or environment variables.
 
 `PRICELAB_SPARK_MASTER` (default `local[*]`) picks a classic master (`spark://host:7077`, `yarn`,
-`k8s://...`); `PRICELAB_SPARK_REMOTE` (`sc://host:15002`) picks Spark Connect instead. Both the
+`k8s://...`); `PRICELAB_SPARK_REMOTE` (`sc://host:15002`) picks Spark Connect instead (`local`
+starts an embedded Connect server, which the tests use to prove the Connect path). Both the
 Dagster resource and the tests call `get_spark`, so code runs the same way everywhere.
 """
 from __future__ import annotations
@@ -26,6 +27,15 @@ LOCAL_DEFAULTS = {
     "spark.driver.host": "127.0.0.1",
     "spark.driver.bindAddress": "127.0.0.1",
 }
+
+
+# Settings a running session (classic or Connect) accepts through `spark.conf.set`.
+RUNTIME_SQL_SETTINGS = (
+    "spark.sql.shuffle.partitions",
+    "spark.sql.session.timeZone",
+    "spark.sql.execution.arrow.pyspark.enabled",
+    "spark.sql.adaptive.enabled",
+)
 
 
 def get_spark(
@@ -57,6 +67,10 @@ def get_spark(
     spark = builder.getOrCreate()
     if not remote:
         spark.sparkContext.setLogLevel("ERROR")
+    elif remote.startswith("local"):
+        # an embedded Spark Connect server (`sc://` without a host): same small-machine defaults
+        for key in RUNTIME_SQL_SETTINGS:
+            spark.conf.set(key, (conf or {}).get(key, LOCAL_DEFAULTS[key]))
     return spark
 
 

@@ -12,7 +12,7 @@ import base64
 import datetime as dt
 
 import dagster as dg
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from assets.checks import gx_check_result
@@ -22,6 +22,7 @@ from pipelines import assignment, experiments, quality
 ASSIGNMENT_CONTRACT = "assignment_contract"
 UNITS_MOVE_TOGETHER = "units_move_together"
 EXPERIMENTS_PUBLISHED = "experiments_published"
+CALENDAR_UNITS = 40
 
 
 def _days(window) -> list[dt.date]:
@@ -132,11 +133,19 @@ def daily_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult
         "enrolments_reused": dg.MetadataValue.json(frozen),
         "rows_per_experiment_arm": dg.MetadataValue.json(counts),
     }
+    # calendars: every published day of each experiment, its first CALENDAR_UNITS units (one job)
+    by_unit = Window.partitionBy("experiment").orderBy("unit_id")
+    calendars = (
+        warehouse.read(spark, "daily_assignments")
+        .where(F.col("experiment").isin([s.name for s in runnable]))
+        .withColumn("_unit_rank", F.dense_rank().over(by_unit))
+        .where(F.col("_unit_rank") <= CALENDAR_UNITS)
+        .drop("_unit_rank")
+        .toPandas()
+    ) if runnable else None
     for spec in runnable:
-        published = warehouse.read(spark, "daily_assignments").where(F.col("experiment") == spec.name)
-        units = [r[0] for r in published.select("unit_id").distinct().orderBy("unit_id").limit(40).collect()]
-        frame = published.where(F.col("unit_id").isin(units)).toPandas()
-        picture = assignment.assignment_calendar_png(frame, spec.name, design=spec.design)
+        frame = calendars[calendars["experiment"] == spec.name]
+        picture = assignment.assignment_calendar_png(frame, spec.name, max_units=CALENDAR_UNITS, design=spec.design)
         warehouse.write_file(f"plots/assignments_{spec.name}.png", picture)
         metadata[f"calendar_{spec.name}"] = dg.MetadataValue.md(
             f"![{spec.name}](data:image/png;base64,{base64.b64encode(picture).decode()})"

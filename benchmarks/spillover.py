@@ -1,0 +1,304 @@
+"""Spillover bias and the spillover estimate: product- versus cluster-randomised time_bound designs.
+
+Each world (a small market from the simulator, rebuilt every `--reps-per-world` replications)
+gets its substitution graph and clusters LEARNED from its simulated history by the graph stage
+(`graph.build_substitution_graph` + `clustering.cluster_products`, on Spark), never the
+simulator's true groups. Each replication redraws the experiment seed and runs, on the whole
+catalogue, one product-randomised and one cluster-randomised time_bound experiment (separately,
+each in its own closed loop), then:
+- the plain (DiD) and HPTE estimates (`pipelines.estimation`) against the simulator's
+  `true_global_effect` (every product treated vs none): their bias is the spillover bias;
+- `spillover.estimate_spillover` (exposure on the learned graph, probabilities from redrawing the
+  design) against the simulator's `true_spillover_effect` (mean over control product-days of
+  units as assigned minus with no neighbour treated).
+Assignments come from `spillover.draw_arms` (the numpy twin of `assignment.assign_days`),
+checked row for row against the Spark code on the first world of each design.
+
+    .venv/bin/python benchmarks/spillover.py [--replications 200] [--workers 2] [--products 400]
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import pickle
+import sys
+import tempfile
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+for _threads in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_threads, "1")
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines import estimation, simulation, spillover  # noqa: E402
+from pipelines.experiments import ExperimentSpec  # noqa: E402
+
+DESIGNS = ("product", "cluster")
+
+
+def world_config(opts: dict, world: int) -> simulation.MarketConfig:
+    return simulation.MarketConfig(n_products=opts["products"], n_subclasses=opts["subclasses"], seed=5000 + world,
+                                   carryover_decay=0.1)
+
+
+def make_spec(config: simulation.MarketConfig, unit: str, seed: int, opts: dict) -> ExperimentSpec:
+    first_day = config.history_end + timedelta(days=1)
+    start = first_day + timedelta(days=(7 - first_day.weekday()) % 7)
+    return ExperimentSpec(name=f"spill-{unit}", design="time_bound", start=start,
+                          end=start + timedelta(days=7 * opts["weeks"] - 1), unit=unit, treated_fraction=0.5,
+                          price_change=opts["price_change"], metric="units", seed=seed)
+
+
+def assignments_of(spec: ExperimentSpec, units: pd.DataFrame) -> pd.DataFrame:
+    """Contract rows of a time_bound spec from the numpy draw (every day of the experiment)."""
+    table, arms = spillover.draw_arms(spec, units, [spec.seed])
+    treated = pd.Series(arms[0], index=table["unit_id"]).reindex(units["unit_id"].astype(str)).to_numpy()
+    days = [spec.start + timedelta(days=i) for i in range(spec.n_days)]
+    n = len(units)
+    return pd.DataFrame({
+        "date": np.repeat(np.array(days, dtype=object), n),
+        "experiment": spec.name,
+        "product_id": np.tile(units["product_id"].astype(str).to_numpy(), len(days)),
+        "unit_id": np.tile(units["unit_id"].astype(str).to_numpy(), len(days)),
+        "arm": np.tile(np.where(treated, "treatment", "control"), len(days)),
+        "blackout": False,
+        "price_change": np.tile(np.where(treated, spec.price_change, 0.0), len(days)),
+    })
+
+
+# ------------------------------------------------------------------------------------------------
+# Phase 1 (Spark): learned graph and clusters per world
+# ------------------------------------------------------------------------------------------------
+
+def learn_worlds(opts: dict, n_worlds: int) -> dict:
+    from pipelines import assignment, clustering, graph
+    from pipelines.spark import get_spark
+
+    spark = get_spark(app_name="benchmark-spillover", conf={"spark.sql.shuffle.partitions": "4"})
+    worlds = {}
+    for w in range(n_worlds):
+        t0 = time.time()
+        config = world_config(opts, w)
+        world = simulation.simulate_market(config)
+        sales, _ = simulation.simulate_history(world)
+        spec = make_spec(config, "cluster", 0, opts)
+        catalog_sdf = spark.createDataFrame(world.catalog)
+        edges_sdf = graph.build_substitution_graph(spark.createDataFrame(sales), catalog_sdf, spec.start)
+        edges = edges_sdf.toPandas()
+        clusters_sdf = clustering.cluster_products(edges_sdf, catalog_sdf, max_cluster_size=opts["max_cluster"])
+        metrics = clustering.cluster_metrics(edges_sdf, clusters_sdf)
+        units = {unit: assignment.enrolment_units(make_spec(config, unit, 0, opts), catalog_sdf,
+                                                  clusters_sdf if unit == "cluster" else None).toPandas()
+                 for unit in DESIGNS}
+        if w == 0:  # the numpy draw must be the Spark draw, row for row
+            for unit in DESIGNS:
+                spec_u = make_spec(config, unit, 12345, opts)
+                days = [spec_u.start + timedelta(days=i) for i in range(spec_u.n_days)]
+                expected = assignment.assign_days(spec_u, spark.createDataFrame(units[unit]), days).toPandas()
+                mine = assignments_of(spec_u, units[unit])
+                expected["date"] = pd.to_datetime(expected["date"]).dt.date
+                key = ["date", "product_id"]
+                pd.testing.assert_frame_equal(mine.sort_values(key).reset_index(drop=True)[list(expected.columns)],
+                                              expected.sort_values(key).reset_index(drop=True), check_dtype=False)
+                print(f"  {unit} randomisation: numpy draw == pipelines.assignment ({len(mine)} rows)", flush=True)
+        true_pairs = set(zip(world.true_edges["src"], world.true_edges["dst"]))
+        learned_pairs = set(zip(np.minimum(edges["src"], edges["dst"]), np.maximum(edges["src"], edges["dst"])))
+        c = world.true_edges.set_index(["src", "dst"])["cross_elasticity"]
+        found = [p in learned_pairs for p in c.index]
+        cluster_of = dict(zip(*clusters_sdf.toPandas()[["product_id", "cluster_id"]].T.to_numpy()))
+        cut_true = np.array([cluster_of[a] != cluster_of[b] for a, b in c.index])
+        info = {
+            "true_edges": len(true_pairs), "learned_edges": len(learned_pairs),
+            "recall_weight": float(c[found].sum() / c.sum()),
+            "precision": len(true_pairs & learned_pairs) / max(len(learned_pairs), 1),
+            "clusters": metrics["clusters"], "cluster_size_max": metrics["size_max"],
+            "cut_share_learned": metrics["cut_weight_share"],
+            "cut_share_true": float(c[cut_true].sum() / c.sum()),
+        }
+        worlds[w] = {"edges": edges[["src", "dst", "weight"]], "units": units, "sales": sales, "info": info}
+        print(f"  world {w}: {info['learned_edges']} learned edges ({info['true_edges']} true; recall by cross "
+              f"elasticity {info['recall_weight']:.2f}, precision {info['precision']:.2f}), {info['clusters']} clusters "
+              f"(max {info['cluster_size_max']:.0f}), true cross elasticity cut by clusters {info['cut_share_true']:.2f}, "
+              f"{time.time() - t0:.0f} s", flush=True)
+    spark.stop()
+    return worlds
+
+
+# ------------------------------------------------------------------------------------------------
+# Phase 2 (numpy, workers): replications
+# ------------------------------------------------------------------------------------------------
+
+_WORLDS: dict = {}
+_WORLD_FILE = ""
+_BASE_FD: dict = {}  # (world, design) -> first differences of the first replication this worker ran
+
+
+def first_differences_fast(base: pd.DataFrame, window_sales: pd.DataFrame, a: pd.DataFrame) -> pd.DataFrame:
+    """`first_differences_pandas` without refitting: the pre-period (hence each product's
+    counterfactual) and the set of observed window rows do not depend on the assignment, so a
+    product's first difference is its window mean of units minus its `counterfactual_mean`.
+    Checked against the full computation on each world's first replication in each worker."""
+    window_mean = window_sales.groupby("product_id")["units"].mean()
+    arm = a.drop_duplicates("product_id").set_index("product_id")["arm"]
+    return base.assign(first_difference=base["product_id"].map(window_mean).to_numpy() - base["counterfactual_mean"].to_numpy(),
+                       arm=base["product_id"].map(arm).to_numpy())
+
+
+def _world(w: int, opts: dict):
+    if w not in _WORLDS:
+        with open(_WORLD_FILE, "rb") as f:
+            learned = pickle.load(f)[w]
+        _WORLDS.clear()
+        _WORLDS[w] = (simulation.simulate_market(world_config(opts, w)), learned)
+    return _WORLDS[w]
+
+
+def replicate(job: tuple[int, dict]) -> list[dict]:
+    rep, opts = job
+    warnings.simplefilter("ignore")
+    w = rep // opts["reps_per_world"]
+    world, learned = _world(w, opts)
+    rows = []
+    for unit in DESIGNS:
+        spec = make_spec(world.config, unit, 100_000 + rep, opts)
+        units = learned["units"][unit]
+        a = assignments_of(spec, units)
+        window_sales = simulation.simulate_sales(world, a, spec.start, spec.end)
+        truth = simulation.true_effects(world, a).set_index("experiment").loc[spec.name]
+        if (w, unit) not in _BASE_FD:
+            sales = pd.concat([learned["sales"], window_sales], ignore_index=True)
+            fd = estimation.first_differences_pandas(sales, a, {spec.name: spec.design}, catalog=world.catalog)
+            fast = first_differences_fast(fd, window_sales, a)
+            np.testing.assert_allclose(fast["first_difference"], fd["first_difference"], rtol=1e-9, atol=1e-9)
+            assert (fast["arm"] == fd["arm"]).all()
+            _BASE_FD[(w, unit)] = fd
+        else:
+            fd = first_differences_fast(_BASE_FD[(w, unit)], window_sales, a)
+        did = estimation.DiDEstimator(n_bootstrap=opts["bootstrap"], random_state=rep).fit(fd)
+        hpte = estimation.HPTEEstimator(n_bootstrap=opts["bootstrap"], n_estimators=opts["trees"],
+                                        random_state=rep).fit(fd, world.catalog)
+        spill = spillover.estimate_spillover(fd, a, learned["edges"], spec, units=units, n_redraws=opts["redraws"])
+        counts = spill["exposure_counts"]
+        rows.append({
+            "rep": rep, "world": w, "design": unit,
+            "true_global": truth["true_global_effect"], "true_direct": truth["true_direct_effect"],
+            "true_spillover": truth["true_spillover_effect"],
+            "plain": did.effect_, "hpte": hpte.effect_,
+            "spillover": spill["spillover_effect"], "spillover_se": spill["spillover_se"],
+            "spillover_ht": spill["spillover_effect_ht"], "spillover_se_ht": spill["spillover_se_ht"],
+            "global_hajek": spill["global_effect_hajek"], "n_stabilised": spill["n_stabilised"],
+            "exposed_controls": counts["control_some_treated"], "unexposed_controls": counts["control_none_treated"],
+            "treated_mostly": counts["treated_mostly_treated"], "treated_few": counts["treated_few_treated"],
+            "n_units": units["unit_id"].nunique(),
+        })
+    return rows
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    out = []
+    for design, r in results.groupby("design", sort=False):
+        n = len(r)
+        row = {"design": design, "reps": n, "units": r["n_units"].mean(),
+               "true_global": r["true_global"].mean(), "true_direct": r["true_direct"].mean()}
+        for est in ("plain", "hpte"):
+            err = r[est] - r["true_global"]
+            row[f"{est}_bias"] = err.mean()
+            row[f"{est}_bias_mcse"] = err.std(ddof=1) / np.sqrt(n)
+        ok = r["spillover"].notna()
+        err = (r["spillover"] - r["true_spillover"])[ok]
+        covered = ((r["spillover"] - spillover.Z_95 * r["spillover_se"] <= r["true_spillover"])
+                   & (r["true_spillover"] <= r["spillover"] + spillover.Z_95 * r["spillover_se"]))[ok]
+        err_ht = (r["spillover_ht"] - r["true_spillover"])[ok]
+        covered_ht = ((r["spillover_ht"] - spillover.Z_95 * r["spillover_se_ht"] <= r["true_spillover"])
+                      & (r["true_spillover"] <= r["spillover_ht"] + spillover.Z_95 * r["spillover_se_ht"]))[ok]
+        row.update({
+            "true_spill": r["true_spillover"].mean(), "spill_estimable": int(ok.sum()),
+            "spill_bias": err.mean(), "spill_emp_se": err.std(ddof=1), "spill_mean_se": r.loc[ok, "spillover_se"].mean(),
+            "spill_cover": covered.mean(),
+            "spill_ht_bias": err_ht.mean(), "spill_ht_emp_se": err_ht.std(ddof=1),
+            "spill_ht_cover": covered_ht.mean(),
+            "exposed_ctrl": r["exposed_controls"].mean(), "unexposed_ctrl": r["unexposed_controls"].mean(),
+            "stabilised": r["n_stabilised"].mean(),
+        })
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _WORLD_FILE
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replications", type=int, default=200)
+    parser.add_argument("--reps-per-world", type=int, default=40)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--products", type=int, default=400)
+    parser.add_argument("--subclasses", type=int, default=10)
+    parser.add_argument("--weeks", type=int, default=4)
+    parser.add_argument("--price-change", type=float, default=-0.10)
+    parser.add_argument("--max-cluster", type=int, default=12)
+    parser.add_argument("--redraws", type=int, default=500)
+    parser.add_argument("--bootstrap", type=int, default=100)
+    parser.add_argument("--trees", type=int, default=40)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    opts = {k: getattr(args, k) for k in ("products", "subclasses", "weeks", "price_change", "max_cluster", "redraws",
+                                           "bootstrap", "trees", "reps_per_world")}
+    params = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+    print(f"benchmarks/spillover.py {params}", flush=True)
+    started = time.time()
+    n_worlds = -(-args.replications // args.reps_per_world)
+    worlds = learn_worlds(opts, n_worlds)
+    with tempfile.TemporaryDirectory() as tmp:
+        _WORLD_FILE = os.path.join(tmp, "worlds.pkl")
+        with open(_WORLD_FILE, "wb") as f:
+            pickle.dump(worlds, f)
+        print(f"phase 1 (graph + clusters of {n_worlds} worlds, Spark) {time.time() - started:.0f} s", flush=True)
+        rows = []
+        jobs = [(rep, opts) for rep in range(args.replications)]
+        context = multiprocessing.get_context("fork")
+        with context.Pool(args.workers) as pool:
+            for done, part in enumerate(pool.imap(replicate, jobs, chunksize=1), start=1):
+                rows.extend(part)
+                if done % 10 == 0 or done == args.replications:
+                    print(f"  {done}/{args.replications} replications, {time.time() - started:.0f} s", flush=True)
+    results = pd.DataFrame(rows)
+    if args.out:
+        results.to_csv(args.out, index=False)
+    table = summarise(results)
+    info = pd.DataFrame([w["info"] for w in worlds.values()])
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_columns", 40)
+    print()
+    print(f"command: .venv/bin/python benchmarks/spillover.py {params}")
+    print(f"worlds: {n_worlds} x {args.products} products in {args.subclasses} subclasses, time_bound {args.weeks} weeks, "
+          f"price change {args.price_change:+.0%}, treated share 0.5, whole catalogue; learned graph: mean recall by true "
+          f"cross elasticity {info['recall_weight'].mean():.2f}, precision {info['precision'].mean():.2f}; learned "
+          f"clusters (max {args.max_cluster}): mean {info['clusters'].mean():.0f}, cutting {info['cut_share_true'].mean():.2f} "
+          f"of the true cross elasticity")
+    print("plain = DiD on first differences, hpte = HPTEEstimator; *_bias against true_global_effect (mcse = Monte Carlo SE). "
+          "spill = Hajek spillover on controls (estimate_spillover) vs true_spillover_effect; cover = 95% interval coverage; "
+          "spill_ht = Horvitz-Thompson version; exposed/unexposed_ctrl = mean control products per condition; "
+          "stabilised = mean products whose probability was raised to the floor")
+    print(table.T.to_string(float_format=lambda v: f"{v:.4f}"))
+    p, c = table.set_index("design").loc["product"], table.set_index("design").loc["cluster"]
+    print("\ngoals:")
+    for est in ("plain", "hpte"):
+        reduction = 1 - abs(c[f"{est}_bias"]) / abs(p[f"{est}_bias"])
+        print(f"  {est}: spillover bias {p[f'{est}_bias']:+.4f} (product) -> {c[f'{est}_bias']:+.4f} (cluster): "
+              f"reduction {reduction:.0%} ({'ok' if reduction >= 0.37 else 'MISSED'} >= 37%)")
+    for design, row in table.set_index("design").iterrows():
+        print(f"  spillover coverage ({design}): {row['spill_cover']:.3f} "
+              f"({'ok' if 0.90 <= row['spill_cover'] <= 0.97 else 'MISSED'} 0.90-0.97), bias {row['spill_bias']:+.4f} "
+              f"(emp SE {row['spill_emp_se']:.4f}, {row['spill_estimable']}/{row['reps']} estimable)")
+    print(f"total {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

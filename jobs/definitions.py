@@ -9,6 +9,7 @@ import dagster as dg
 from assets import assignments, clustering, estimation, graph, inputs, report
 from assets.mode import demo_mode
 from jobs.resources import default_resources
+from jobs.sensors import experiment_files_sensor
 
 INPUT_AND_GRAPH_ASSETS = dg.load_assets_from_modules([inputs, graph, clustering])
 ASSIGNMENT_ASSETS = dg.load_assets_from_modules([assignments])
@@ -49,6 +50,7 @@ defs = dg.Definitions(
     assets=[*INPUT_AND_GRAPH_ASSETS, *ASSIGNMENT_ASSETS, *DEMO_ASSETS, *RESULT_ASSETS],
     jobs=[build_graph_job, publish_assignments_job, refresh_results_job],
     schedules=[publish_assignments_schedule, refresh_results_schedule, build_graph_schedule],
+    sensors=[experiment_files_sensor],
     resources=default_resources(),
     executor=dg.in_process_executor,
 )

@@ -328,6 +328,49 @@ def population_products(spec: ExperimentSpec, catalog: pd.DataFrame) -> pd.Index
     return products
 
 
+EXPERIMENT_FILE_SUFFIXES = (".yaml", ".yml")
+
+
+def experiment_file_paths(directory) -> list[Path]:
+    """The experiment files of `directory` (`*.yaml`, `*.yml`, not hidden), sorted by file name.
+
+    The one definition of "an experiment file", shared by `load_experiments` and the sensor that
+    watches the directory. A missing directory has no files.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(
+        (p for p in directory.iterdir()
+         if p.suffix in EXPERIMENT_FILE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
+        key=lambda p: p.name,
+    )
+
+
+def experiment_file_digests(directory) -> dict[str, str]:
+    """File name -> sha256 of the file's bytes, for every experiment file of `directory`.
+
+    Content digests (not modification times) so a touched but unchanged file is no change, and a
+    file rewritten within the same second still is.
+    """
+    digests = {}
+    for path in experiment_file_paths(directory):
+        try:
+            digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except FileNotFoundError:  # removed between listing and reading: it is gone
+            continue
+    return digests
+
+
+def compare_digests(before: dict[str, str], after: dict[str, str]) -> dict[str, list[str]]:
+    """Which file names were `added`, `changed` (other digest) and `removed` between two listings."""
+    return {
+        "added": sorted(set(after) - set(before)),
+        "changed": sorted(name for name in set(after) & set(before) if after[name] != before[name]),
+        "removed": sorted(set(before) - set(after)),
+    }
+
+
 def load_experiments(directory, catalog: pd.DataFrame) -> tuple[list[ExperimentSpec], list[ExperimentFileError]]:
     """Parse every `*.yaml` / `*.yml` in `directory` (sorted by file name) and validate them together.
 
@@ -336,11 +379,7 @@ def load_experiments(directory, catalog: pd.DataFrame) -> tuple[list[ExperimentS
     file, and an experiment sharing products with an earlier accepted one on overlapping dates
     (the later file is refused, naming the other experiment). Each refusal is independent.
     """
-    directory = Path(directory)
-    files = sorted(
-        (p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")),
-        key=lambda p: p.name,
-    ) if directory.is_dir() else []
+    files = experiment_file_paths(directory)
     accepted: list[tuple[ExperimentSpec, pd.Index]] = []
     refused: list[ExperimentFileError] = []
     name_owner: dict[str, str] = {}

@@ -284,3 +284,107 @@ def test_calendar_png_is_a_valid_png(product_units):
     assert png.endswith(b"IEND\xaeB`\x82")
     with pytest.raises(ValueError, match="no assignments"):
         assignment_calendar_png(frame, "other")
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism across processes
+# ----------------------------------------------------------------------------------------------
+
+OTHER_PROCESS_SCRIPT = '''
+"""Recompute the assignments in a fresh process: own JVM, one core, other shuffle partitions,
+no adaptive execution, other PYTHONHASHSEED; experiments in reverse order, each day computed
+alone, latest first."""
+import json, sys
+from datetime import date
+from functools import reduce
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.assignment import assign_days, enrolment_units
+from pipelines.experiments import frame_to_specs
+from pipelines.spark import get_spark
+
+workdir = Path(sys.argv[1])
+spark = get_spark(master="local[1]", app_name="pricelab-other-process",
+                  conf={"spark.sql.shuffle.partitions": "1", "spark.default.parallelism": "1",
+                        "spark.driver.memory": "1g", "spark.sql.adaptive.enabled": "false"})
+table = lambda name: spark.createDataFrame(pd.read_parquet(workdir / f"{name}.parquet"))
+catalog, clusters, events = table("catalog"), table("clusters"), table("events")
+specs = frame_to_specs(pd.read_parquet(workdir / "specs.parquet"))
+days = [date.fromisoformat(d) for d in json.loads((workdir / "days.json").read_text())]
+parts = []
+for spec in reversed(specs):
+    units = enrolment_units(spec, catalog, clusters if spec.unit == "cluster" else None).cache()  # as if frozen
+    parts += [assign_days(spec, units, [day], events) for day in reversed(days)]
+reduce(lambda a, b: a.unionByName(b), parts).toPandas().to_parquet(workdir / "assignments.parquet")
+spark.stop()
+'''
+
+
+def determinism_specs() -> list[ExperimentSpec]:
+    """Every design for product and cluster units, with varied seeds and treated shares."""
+    extras = {
+        "time_bound": {},
+        "triggered": {"trigger_event": "competitor_discount", "duration_days": 2},
+        "random_days": {},
+        "crossover": {"phase_days": 2, "blackout_days": 1},
+    }
+    return [
+        spec(name=f"{design.replace('_', '-')}-{unit}", design=design, unit=unit, seed=11 + i,
+             treated_fraction=(0.3, 0.5)[i % 2], end=START + timedelta(days=4), **extra)
+        for i, (design, extra) in enumerate(extras.items()) for unit in ("product", "cluster")
+    ]
+
+
+@pytest.mark.slow  # a second JVM: ~30 s on a quiet 2-core machine, minutes when it is loaded
+def test_same_rows_in_another_process_and_in_reverse_day_order(tmp_path, spark, catalog_pd, catalog, clusters):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipelines.experiments import specs_to_frame
+
+    specs = determinism_specs()
+    # the day before the start (no rows), the first day, and the first day of the second phase
+    dates = [START - timedelta(days=1), START, START + timedelta(days=2)]
+    events_pd = pd.DataFrame(
+        [("p000", START + timedelta(days=1), "competitor_discount"), ("p213", START, "competitor_discount"),
+         ("p310", START + timedelta(days=2), "competitor_discount"), ("p101", START, "stockout")],
+        columns=["product_id", "date", "event"],
+    )
+    catalog_pd.to_parquet(tmp_path / "catalog.parquet")
+    clusters.toPandas().to_parquet(tmp_path / "clusters.parquet")
+    events_pd.to_parquet(tmp_path / "events.parquet")
+    specs_to_frame(specs).to_parquet(tmp_path / "specs.parquet")
+    (tmp_path / "days.json").write_text(json.dumps([d.isoformat() for d in dates]))
+    (tmp_path / "other_process.py").write_text(OTHER_PROCESS_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(root)}
+    # the other process runs while this one computes its own answer
+    other = subprocess.Popen([sys.executable, str(tmp_path / "other_process.py"), str(tmp_path)], cwd=root,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        events = spark.createDataFrame(events_pd)
+        parts = [
+            assign_days(s, enrolment_units(s, catalog, clusters if s.unit == "cluster" else None), dates, events)
+            for s in specs
+        ]
+        here = collect(reduce(lambda a, b: a.unionByName(b), parts))
+        _, stderr = other.communicate(timeout=600)
+    finally:
+        if other.poll() is None:
+            other.kill()
+    assert other.returncode == 0, stderr[-3000:]
+    there = pd.read_parquet(tmp_path / "assignments.parquet")
+    there = there.sort_values(["experiment", "date", "product_id"]).reset_index(drop=True)
+    # the comparison is not vacuous: every experiment produced rows, both arms, on its days only
+    assert set(here["experiment"]) == {s.name for s in specs}
+    assert set(here["arm"]) == {"treatment", "control"} and here["blackout"].any()
+    assert set(here["date"]) == {START, START + timedelta(days=2)}
+    # 100 products x 2 days; triggered: 3 windows, each on 1 computed day, of 1 product or a 5-product cluster
+    expected_rows = {s.name: 200 for s in specs} | {"triggered-product": 3, "triggered-cluster": 15}
+    assert here.groupby("experiment").size().to_dict() == expected_rows
+    pd.testing.assert_frame_equal(here, there, check_exact=True)

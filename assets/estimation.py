@@ -71,15 +71,27 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     required_resource_keys={"spark", "warehouse"},
 )
 def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    """One row per experiment and estimator: effect, SE, 95% interval (contract v1)."""
+    """One row per experiment and estimator (plain DiD and HPTE): effect, SE, 95% interval
+    (contract v1); HPTE's heterogeneity (which kinds of products respond more) as metadata."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     fd = warehouse.read(spark, "first_differences").toPandas()
     specs = warehouse.read(spark, "experiments").toPandas()
+    catalog = warehouse.read(spark, "catalog").toPandas()
     as_of = warehouse.read(spark, "experiment_sales").agg(F.max("date")).first()[0]
-    results, problems = estimation.estimate_experiments(fd, specs, as_of)
+    models: dict = {}
+    results, problems = estimation.estimate_experiments(fd, specs, as_of, features=catalog, models=models)
     for name, why in problems.items():
         context.log.warning(f"experiment '{name}' not estimated: {why}")
     warehouse.write(results, "experiment_results")
+    heterogeneity = {}
+    for (name, estimator), model in sorted(models.items()):
+        if estimator != "hpte":
+            continue
+        top = model.heterogeneity_.head(12)
+        heterogeneity[name] = (
+            f"**{name}**: {model.n_trimmed_} trimmed, {model.n_leaves_skipped_} of {model.n_leaves_} leaves "
+            f"skipped (one arm only)\n\n" + top.to_markdown(index=False, floatfmt=".3f")
+        )
     return dg.MaterializeResult(
         metadata={
             "as_of": str(as_of),
@@ -91,5 +103,6 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
                     for r in results.itertuples()
                 )
             ),
+            "heterogeneity": dg.MetadataValue.md("\n\n".join(heterogeneity.values()) or "no HPTE fit"),
         }
     )

@@ -3,11 +3,13 @@
 import datetime as dt
 
 import dagster as dg
+import pandas as pd
 from pyspark.sql import functions as F
 
 from assets.inputs import load_checked_sales, sales_check_specs
 from assets.mode import demo_mode
-from pipelines import estimation
+from pipelines import estimation, spillover
+from pipelines import experiments as experiment_files
 
 PRE_DAYS = estimation.CounterfactualSettings().pre_days
 
@@ -37,7 +39,7 @@ def experiment_sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 
 @dg.asset(
     group_name="results",
-    deps=["experiment_sales", "daily_assignments", "experiments"],
+    deps=["experiment_sales", "daily_assignments", "experiments", "catalog"],
     required_resource_keys={"spark", "warehouse"},
 )
 def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -47,7 +49,11 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     designs = dict(zip(specs["name"], specs["design"]))
     metrics = dict(zip(specs["name"], specs["metric"]))
     fd = estimation.first_differences(
-        warehouse.read(spark, "experiment_sales"), warehouse.read(spark, "daily_assignments"), designs, metrics
+        warehouse.read(spark, "experiment_sales"),
+        warehouse.read(spark, "daily_assignments"),
+        designs,
+        metrics,
+        catalog=warehouse.read(spark, "catalog"),  # short-history products pool within their subclass
     )
     warehouse.write(fd, "first_differences")
     stored = warehouse.read(spark, "first_differences")
@@ -65,9 +71,48 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     )
 
 
+def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.DataFrame):
+    """Fill `spillover_effect`/`spillover_se` (IPW over exposure conditions on the graph snapshot
+    in force at each experiment's start); return exposure counts and a note per experiment."""
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+    snapshots = warehouse.partitions("substitution_graph", "snapshot_date")
+    rows, notes = [], {}
+    for spec in experiment_files.frame_to_specs(specs):
+        if spec.name not in set(results["experiment"]):
+            continue
+        if spec.design not in spillover.DRAWN_ONCE_DESIGNS:
+            notes[spec.name] = "not estimated: exposure weighting needs a design drawn once (time_bound, triggered)"
+            continue
+        in_force = [s for s in snapshots if dt.date.fromisoformat(s) <= spec.start]
+        if not in_force or not warehouse.exists("enrolments", ("experiment", spec.name)):
+            notes[spec.name] = "not estimated: no graph snapshot or enrolment in force at its start"
+            continue
+        edges = warehouse.read(spark, "substitution_graph", ("snapshot_date", in_force[-1])).toPandas()
+        units = warehouse.read(spark, "enrolments", ("experiment", spec.name)).drop("experiment").toPandas()
+        published = warehouse.read(spark, "daily_assignments").where(F.col("experiment") == spec.name).toPandas()
+        try:
+            found = spillover.estimate_spillover(fd[fd["experiment"] == spec.name], published, edges, spec, units=units)
+        except ValueError as exc:
+            notes[spec.name] = f"not estimated: {exc}"
+            context.log.warning(f"spillover of '{spec.name}' not estimated: {exc}")
+            continue
+        mask = results["experiment"] == spec.name
+        results.loc[mask, "spillover_effect"] = found["spillover_effect"]
+        results.loc[mask, "spillover_se"] = found["spillover_se"]
+        rows += [{"experiment": spec.name, "condition": c, "products": int(n)} for c, n in found["exposure_counts"].items()]
+        notes[spec.name] = {
+            "spillover_effect": found["spillover_effect"],
+            "spillover_se": found["spillover_se"],
+            "stabilised_products": found["n_stabilised"],
+            "exposed_control_share": found["exposed_control_share"],
+            "message": found["message"],
+        }
+    return pd.DataFrame(rows, columns=["experiment", "condition", "products"]), notes
+
+
 @dg.asset(
     group_name="results",
-    deps=["first_differences", "experiments", "experiment_sales"],
+    deps=["first_differences", "experiments", "experiment_sales", "substitution_graph", "daily_assignments"],
     required_resource_keys={"spark", "warehouse"},
 )
 def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -82,7 +127,9 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     results, problems = estimation.estimate_experiments(fd, specs, as_of, features=catalog, models=models)
     for name, why in problems.items():
         context.log.warning(f"experiment '{name}' not estimated: {why}")
+    exposure, spillover_notes = _add_spillover(context, results, fd, specs)
     warehouse.write(results, "experiment_results")
+    warehouse.write(exposure, "spillover_exposure")
     heterogeneity = {}
     for (name, estimator), model in sorted(models.items()):
         if estimator != "hpte":
@@ -104,5 +151,6 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
                 )
             ),
             "heterogeneity": dg.MetadataValue.md("\n\n".join(heterogeneity.values()) or "no HPTE fit"),
+            "spillover": dg.MetadataValue.json(spillover_notes),
         }
     )

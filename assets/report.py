@@ -27,7 +27,8 @@ def experiment_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     picture = report.effects_png(table) if not table.empty else b""
     if picture:
         warehouse.write_file("report/effects.png", picture)
-    path = warehouse.write_file("report/report.md", report.report_markdown(table, problems, as_of))
+    exposure = warehouse.read(spark, "spillover_exposure").toPandas() if warehouse.exists("spillover_exposure") else None
+    path = warehouse.write_file("report/report.md", report.report_markdown(table, problems, as_of, exposure))
     context.log.info("experiment results:\n" + report.format_table(table))
     metadata = {"report": dg.MetadataValue.path(str(path)), "table": dg.MetadataValue.md(report.format_table(table))}
     if picture:

@@ -11,7 +11,10 @@ import pandas as pd
 def results_table(results: pd.DataFrame, truth: pd.DataFrame | None = None) -> pd.DataFrame:
     """The columns a person reads first; `truth` (experiment, true_direct_effect) adds a check."""
     table = results[
-        ["experiment", "design", "estimator", "effect", "se", "ci_low", "ci_high", "relative_effect", "n_products", "n_trimmed"]
+        [
+            "experiment", "design", "estimator", "effect", "se", "ci_low", "ci_high", "relative_effect",
+            "n_products", "n_trimmed", "spillover_effect", "spillover_se",
+        ]
     ].copy()
     if truth is not None and not truth.empty:
         table = table.merge(truth[["experiment", "true_direct_effect"]], on="experiment", how="left")
@@ -70,9 +73,20 @@ def effects_png(table: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def report_markdown(table: pd.DataFrame, problems: dict[str, str], as_of) -> str:
-    """The report as Markdown: the table, experiments that could not be estimated, and why."""
+def report_markdown(
+    table: pd.DataFrame, problems: dict[str, str], as_of, exposure: pd.DataFrame | None = None
+) -> str:
+    """The report as Markdown: the table, exposure conditions behind the spillover estimate,
+    experiments that could not be estimated, and why."""
     lines = [f"# pricelab experiment report (sales up to {as_of})", "", format_table(table), ""]
+    if exposure is not None and not exposure.empty:
+        wide = exposure.pivot_table(index="experiment", columns="condition", values="products", aggfunc="sum", fill_value=0)
+        lines += [
+            "## Spillover exposure (products per condition)",
+            "",
+            format_table(wide.reset_index()),
+            "",
+        ]
     if problems:
         lines += ["## Not estimated", ""] + [f"- `{name}`: {why}" for name, why in sorted(problems.items())] + [""]
     lines += ["![effects](effects.png)", ""]

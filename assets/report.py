@@ -18,10 +18,10 @@ def experiment_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     results = warehouse.read(spark, "experiment_results").toPandas()
     truth = warehouse.read(spark, "simulator_truth").toPandas() if demo_mode() and warehouse.exists("simulator_truth") else None
-    table = report.results_table(results, truth)
+    specs = warehouse.read(spark, "experiments").toPandas()
+    table = report.results_table(results, truth, specs)
     problems = {}
-    specs = warehouse.read(spark, "experiments").select("name").toPandas()["name"]
-    for name in sorted(set(specs) - set(results["experiment"])):
+    for name in sorted(set(specs["name"]) - set(results["experiment"])):
         problems[name] = "not estimated yet (see the experiment_results run log)"
     as_of = results["as_of"].max() if not results.empty else None
     picture = report.effects_png(table) if not table.empty else b""

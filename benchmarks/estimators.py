@@ -156,7 +156,9 @@ def replicate(job: tuple[int, dict]) -> list[dict]:
     """One world, five experiments: estimates of both estimators and the truth, per design."""
     seed, opts = job
     warnings.simplefilter("ignore")
-    config = simulation.MarketConfig(n_products=opts["products"], n_subclasses=opts["subclasses"], seed=1000 + seed)
+    config = simulation.MarketConfig(
+        n_products=opts["products"], n_subclasses=opts["subclasses"], seed=1000 + seed, carryover_decay=opts["carryover"]
+    )
     world = simulation.simulate_market(config)
     specs = experiment_specs(config, seed, opts["price_change"], opts["weeks"])
     end = specs[0].end
@@ -235,11 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--trees", type=int, default=100)
     parser.add_argument("--trim-k", type=float, default=2.0)
+    parser.add_argument("--carryover", type=float, default=simulation.MarketConfig().carryover_decay,
+                        help="carryover decay per day in the simulated worlds (0 = none)")
     parser.add_argument("--skip-assignment-check", action="store_true")
     parser.add_argument("--out", default="", help="optional CSV of per-replication rows")
     args = parser.parse_args(argv)
     opts = {"products": args.products, "subclasses": args.subclasses, "weeks": args.weeks,
-            "price_change": args.price_change, "bootstrap": args.bootstrap, "trees": args.trees, "trim_k": args.trim_k}
+            "price_change": args.price_change, "bootstrap": args.bootstrap, "trees": args.trees, "trim_k": args.trim_k,
+            "carryover": args.carryover}
     params = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "skip_assignment_check"))
     print(f"benchmarks/estimators.py {params}", flush=True)
     if not args.skip_assignment_check:
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: .venv/bin/python benchmarks/estimators.py {params}")
     print(f"worlds: {args.products} products ({args.products // 5} per design), {args.subclasses} subclasses, "
           f"{args.weeks}-week experiments, price change {args.price_change:+.0%}, product randomisation, "
-          f"carryover_decay {simulation.MarketConfig().carryover_decay}")
+          f"carryover_decay {args.carryover}")
     print("estimand: bias, coverage and empirical SE are against the simulator's TRUE DIRECT EFFECT "
           "(units per analysis product-day); true_global shown for reference")
     print("columns: emp_se = sd(estimate - truth); mean_se = mean bootstrap SE; coverage = share of 95% intervals "

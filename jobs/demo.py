@@ -76,9 +76,12 @@ def main() -> int:
 
     results = warehouse.read(spark, "experiment_results").toPandas()
     truth = warehouse.read(spark, "simulator_truth").toPandas() if warehouse.exists("simulator_truth") else None
-    table = report.results_table(results, truth)
+    table = report.results_table(results, truth, specs)
     print()
-    print("Experiment results (effect = change in units per product-day; truth = the simulator's direct effect)")
+    print("Experiment results: effect = change in units per product-day, with its 95% interval. true_effect is the")
+    print("simulator's truth for what the design measures: randomising products measures the DIRECT effect (own price,")
+    print("neighbours as assigned); randomising whole substitute clusters measures the GLOBAL effect (all treated vs")
+    print("none: substitutes' price cuts cannibalise each other, so it is far smaller here).")
     print(report.format_table(table))
     print()
     print(f"Report: {warehouse.tables_dir / 'report' / 'report.md'} (picture: effects.png beside it)")

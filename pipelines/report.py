@@ -8,8 +8,16 @@ import numpy as np
 import pandas as pd
 
 
-def results_table(results: pd.DataFrame, truth: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The columns a person reads first; `truth` (experiment, true_direct_effect) adds a check."""
+def results_table(
+    results: pd.DataFrame, truth: pd.DataFrame | None = None, experiments: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """The columns a person reads first; `truth` (the simulator's effects) adds a check.
+
+    Each estimate is compared with the effect its design identifies: randomising products
+    measures the DIRECT effect (own price change, neighbours as assigned); randomising whole
+    substitute clusters measures the GLOBAL effect (everything treated vs nothing, cannibalisation
+    between substitutes included). `experiments` (name, unit) says which; without it, direct.
+    """
     table = results[
         [
             "experiment", "design", "estimator", "effect", "se", "ci_low", "ci_high", "relative_effect",
@@ -17,8 +25,12 @@ def results_table(results: pd.DataFrame, truth: pd.DataFrame | None = None) -> p
         ]
     ].copy()
     if truth is not None and not truth.empty:
-        table = table.merge(truth[["experiment", "true_direct_effect"]], on="experiment", how="left")
-        table["covered"] = (table["ci_low"] <= table["true_direct_effect"]) & (table["true_direct_effect"] <= table["ci_high"])
+        units = dict(zip(experiments["name"], experiments["unit"])) if experiments is not None else {}
+        table = table.merge(truth[["experiment", "true_direct_effect", "true_global_effect"]], on="experiment", how="left")
+        table["estimand"] = ["global" if units.get(name) == "cluster" else "direct" for name in table["experiment"]]
+        table["true_effect"] = table["true_global_effect"].where(table["estimand"] == "global", table["true_direct_effect"])
+        table["covered"] = (table["ci_low"] <= table["true_effect"]) & (table["true_effect"] <= table["ci_high"])
+        table = table.drop(columns=["true_direct_effect", "true_global_effect"])
     return table.sort_values(["experiment", "estimator"]).reset_index(drop=True)
 
 
@@ -59,8 +71,8 @@ def effects_png(table: pd.DataFrame) -> bytes:
         capsize=4,
         label="estimate, 95% interval",
     )
-    if "true_direct_effect" in table:
-        ax.scatter(table["true_direct_effect"], y, marker="x", color="#c0392b", zorder=3, label="simulator truth")
+    if "true_effect" in table:
+        ax.scatter(table["true_effect"], y, marker="x", color="#c0392b", zorder=3, label="simulator truth")
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(y, labels)
     ax.set_xlabel("effect per product-day (metric units)")

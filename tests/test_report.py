@@ -1,0 +1,37 @@
+"""The report compares each estimate with the effect its design identifies."""
+from __future__ import annotations
+
+import pandas as pd
+
+from pipelines import estimation, report
+
+
+def _results():
+    rows = []
+    for name, effect in (("by-product", 3.0), ("by-cluster", 0.1)):
+        row = dict.fromkeys(estimation.RESULT_COLUMNS)
+        row.update(experiment=name, design="time_bound", estimator="did", effect=effect, se=0.3,
+                   ci_low=effect - 0.6, ci_high=effect + 0.6, n_products=10, n_trimmed=0)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_cluster_designs_are_judged_against_the_global_effect():
+    truth = pd.DataFrame(
+        {"experiment": ["by-product", "by-cluster"], "true_direct_effect": [3.1, 3.0], "true_global_effect": [0.2, 0.2]}
+    )
+    experiments = pd.DataFrame({"name": ["by-product", "by-cluster"], "unit": ["product", "cluster"]})
+    table = report.results_table(_results(), truth, experiments).set_index("experiment")
+    assert table.loc["by-product", "estimand"] == "direct" and table.loc["by-product", "true_effect"] == 3.1
+    assert table.loc["by-cluster", "estimand"] == "global" and table.loc["by-cluster", "true_effect"] == 0.2
+    assert table["covered"].all()
+    # judged against the direct effect, the cluster design's interval would miss
+    assert not report.results_table(_results(), truth).set_index("experiment").loc["by-cluster", "covered"]
+
+
+def test_report_markdown_lists_unestimated_experiments_and_exposure():
+    table = report.results_table(_results())
+    exposure = pd.DataFrame({"experiment": ["by-product"] * 2, "condition": ["control_exposed", "treated"], "products": [4, 5]})
+    text = report.report_markdown(table, {"late": "no sales yet"}, "2026-02-15", exposure)
+    assert "`late`: no sales yet" in text and "control_exposed" in text and "| by-cluster" in text
+    assert report.effects_png(table)[:8] == b"\x89PNG\r\n\x1a\n"

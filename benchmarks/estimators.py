@@ -157,7 +157,8 @@ def replicate(job: tuple[int, dict]) -> list[dict]:
     seed, opts = job
     warnings.simplefilter("ignore")
     config = simulation.MarketConfig(
-        n_products=opts["products"], n_subclasses=opts["subclasses"], seed=1000 + seed, carryover_decay=opts["carryover"]
+        n_products=opts["products"], n_subclasses=opts["subclasses"], seed=1000 + seed,
+        carryover_decay=opts.get("carryover", simulation.MarketConfig().carryover_decay),
     )
     world = simulation.simulate_market(config)
     specs = experiment_specs(config, seed, opts["price_change"], opts["weeks"])

@@ -76,6 +76,8 @@ def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.D
     in force at each experiment's start); return exposure counts and a note per experiment."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     snapshots = warehouse.partitions("substitution_graph", "snapshot_date")
+    between = [s.name for s in experiment_files.frame_to_specs(specs) if s.design in spillover.DRAWN_ONCE_DESIGNS]
+    published_all = warehouse.read(spark, "daily_assignments").where(F.col("experiment").isin(between)).toPandas()
     rows, notes = [], {}
     for spec in experiment_files.frame_to_specs(specs):
         if spec.name not in set(results["experiment"]):
@@ -89,7 +91,7 @@ def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.D
             continue
         edges = warehouse.read(spark, "substitution_graph", ("snapshot_date", in_force[-1])).toPandas()
         units = warehouse.read(spark, "enrolments", ("experiment", spec.name)).drop("experiment").toPandas()
-        published = warehouse.read(spark, "daily_assignments").where(F.col("experiment") == spec.name).toPandas()
+        published = published_all[published_all["experiment"] == spec.name]
         try:
             found = spillover.estimate_spillover(fd[fd["experiment"] == spec.name], published, edges, spec, units=units)
         except ValueError as exc:

@@ -62,6 +62,11 @@ so the double sums run only inside blocks of linked strata. The 95% interval is 
 1.96 SE. Few exposed controls (typical when clusters were randomised: treated and control
 products rarely share an edge) give a wide interval; fewer than `min_exposed_controls` give no
 estimate (NaN) and a message saying why.
+
+Limit: exposures are only as good as the graph. A substitute edge the graph stage did not detect
+leaves an exposed control classed control_none_treated, which biases the spillover estimate towards
+zero. After cluster randomisation most of the remaining spillover runs through such edges
+(`benchmarks/spillover.py` prints the estimate on the learned and on the true graph).
 """
 from __future__ import annotations
 

@@ -332,6 +332,13 @@ def _unit_sums(fd: pd.DataFrame, mask: np.ndarray, units: pd.Index) -> tuple[np.
     return grouped["sum"].to_numpy(float), grouped["count"].to_numpy(float)
 
 
+def _in_product_order(fd: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted by product (then experiment, arm): Spark returns them in no fixed order, and the
+    folds, forests and bootstrap draws follow row order, so this makes estimates reproducible."""
+    keys = [c for c in ("product_id", "experiment", "arm", "unit_id") if c in fd.columns]
+    return fd.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
 class DiDEstimator:
     """Plain difference-in-differences of detrended first differences, with a unit bootstrap.
 
@@ -347,7 +354,7 @@ class DiDEstimator:
         self.random_state = random_state
 
     def fit(self, first_differences: pd.DataFrame) -> "DiDEstimator":
-        fd = first_differences.dropna(subset=["first_difference"])
+        fd = _in_product_order(first_differences.dropna(subset=["first_difference"]))
         rng = np.random.default_rng(self.random_state)
         switchback = (fd["arm"] == "switchback").any()
         if switchback:
@@ -597,7 +604,7 @@ class HPTEEstimator:
 
     def fit(self, first_differences: pd.DataFrame, features: pd.DataFrame | None = None) -> "HPTEEstimator":
         """Fit on one experiment's first differences (and catalogue attributes by product_id)."""
-        fd = first_differences.dropna(subset=["first_difference"]).drop_duplicates("product_id")
+        fd = _in_product_order(first_differences.dropna(subset=["first_difference"])).drop_duplicates("product_id")
         fd = fd.reset_index(drop=True)
         if fd.empty:
             raise ValueError("no first differences to estimate from")

@@ -173,6 +173,17 @@ def test_hpte_recovers_the_average_and_finds_who_responds_more():
     assert model.leaf_effects_.loc[model.leaf_effects_["skipped"], "effect"].isna().all()
 
 
+def test_hpte_does_not_depend_on_row_order():
+    """Spark hands rows over in no fixed order: the same data in another order gives the same figures."""
+    fd, catalog = _between_fd(5, n_products=160)
+    first = estimation.HPTEEstimator(n_bootstrap=100, n_estimators=16, random_state=3).fit(fd, catalog)
+    shuffled = fd.sample(frac=1.0, random_state=9).reset_index(drop=True)
+    second = estimation.HPTEEstimator(n_bootstrap=100, n_estimators=16, random_state=3).fit(shuffled, catalog.iloc[::-1])
+    assert (first.effect_, first.se_, tuple(first.ci_)) == (second.effect_, second.se_, tuple(second.ci_))
+    did = [estimation.DiDEstimator(n_bootstrap=100, random_state=3).fit(frame) for frame in (fd, shuffled)]
+    assert (did[0].effect_, did[0].se_) == (did[1].effect_, did[1].se_)
+
+
 def test_hpte_bootstrap_resamples_clusters():
     """With a shared cluster shock, the cluster bootstrap SE matches the spread across replications."""
     estimates, ses, covered = [], [], 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import multiprocessing
 import os
 import sys
 import time
@@ -38,6 +37,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.replications import run_replications  # noqa: E402
 from pipelines import estimation, simulation  # noqa: E402
 from pipelines.experiments import ExperimentSpec  # noqa: E402
 
@@ -252,17 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         config = simulation.MarketConfig(n_products=args.products, n_subclasses=args.subclasses, seed=1000)
         check_assignments_against_spark(config, experiment_specs(config, 0, args.price_change, args.weeks))
     started = time.time()
-    rows = []
     jobs = [(seed, opts) for seed in range(args.replications)]
-    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-    with context.Pool(args.workers) as pool:
-        for done, replication in enumerate(pool.imap_unordered(replicate, jobs), start=1):
-            rows.extend(replication)
-            if done % 10 == 0 or done == args.replications:
-                print(f"  {done}/{args.replications} replications, {time.time() - started:.0f} s", flush=True)
-    results = pd.DataFrame(rows)
-    if args.out:
-        results.to_csv(args.out, index=False)
+    results = run_replications(replicate, jobs, args.workers, started, args.out)
     table = summarise(results)
     pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 30)

@@ -24,7 +24,6 @@ checked row for row against the Spark code on the first world of each design.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import pickle
 import sys
@@ -42,6 +41,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.replications import run_replications  # noqa: E402
 from pipelines import estimation, simulation, spillover  # noqa: E402
 from pipelines.experiments import ExperimentSpec  # noqa: E402
 
@@ -282,17 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(_WORLD_FILE, "wb") as f:
             pickle.dump(worlds, f)
         print(f"phase 1 (graph + clusters of {n_worlds} worlds, Spark) {time.time() - started:.0f} s", flush=True)
-        rows = []
         jobs = [(rep, opts) for rep in range(args.replications)]
-        context = multiprocessing.get_context("fork")
-        with context.Pool(args.workers) as pool:
-            for done, part in enumerate(pool.imap(replicate, jobs, chunksize=1), start=1):
-                rows.extend(part)
-                if done % 10 == 0 or done == args.replications:
-                    print(f"  {done}/{args.replications} replications, {time.time() - started:.0f} s", flush=True)
-    results = pd.DataFrame(rows)
-    if args.out:
-        results.to_csv(args.out, index=False)
+        results = run_replications(replicate, jobs, args.workers, started, args.out)
     table = summarise(results)
     info = pd.DataFrame([w["info"] for w in worlds.values()])
     pd.set_option("display.width", 250)

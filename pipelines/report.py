@@ -98,6 +98,10 @@ def report_markdown(
             "",
             format_table(wide.reset_index()),
             "",
+            "Exposure is measured on the substitution graph: substitutes it did not detect count as "
+            "unexposed, so the spillover estimate understates the true spillover, most of all in "
+            "cluster-randomised experiments (their remaining spillover runs mostly through such edges).",
+            "",
         ]
     if problems:
         lines += ["## Not estimated", ""] + [f"- `{name}`: {why}" for name, why in sorted(problems.items())] + [""]

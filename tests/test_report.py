@@ -34,4 +34,5 @@ def test_report_markdown_lists_unestimated_experiments_and_exposure():
     exposure = pd.DataFrame({"experiment": ["by-product"] * 2, "condition": ["control_exposed", "treated"], "products": [4, 5]})
     text = report.report_markdown(table, {"late": "no sales yet"}, "2026-02-15", exposure)
     assert "`late`: no sales yet" in text and "control_exposed" in text and "| by-cluster" in text
+    assert "understates the true spillover" in text  # the reader is told what the estimate cannot see
     assert report.effects_png(table)[:8] == b"\x89PNG\r\n\x1a\n"

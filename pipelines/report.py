@@ -11,7 +11,8 @@ import pandas as pd
 def results_table(
     results: pd.DataFrame, truth: pd.DataFrame | None = None, experiments: pd.DataFrame | None = None
 ) -> pd.DataFrame:
-    """The columns a person reads first; `truth` (the simulator's effects) adds a check.
+    """The columns a person reads first; `truth` (the simulator's effects) adds a check, and the
+    true spillover beside each spillover estimate.
 
     Each estimate is compared with the effect its design identifies: randomising products
     measures the DIRECT effect (own price change, neighbours as assigned); randomising whole
@@ -31,6 +32,9 @@ def results_table(
         table["true_effect"] = table["true_global_effect"].where(table["estimand"] == "global", table["true_direct_effect"])
         table["covered"] = (table["ci_low"] <= table["true_effect"]) & (table["true_effect"] <= table["ci_high"])
         table = table.drop(columns=["true_direct_effect", "true_global_effect"])
+        if "true_spillover_effect" in truth.columns:  # shown where a spillover was estimated
+            spill = table["experiment"].map(dict(zip(truth["experiment"], truth["true_spillover_effect"])))
+            table["true_spillover"] = spill.where(table["spillover_effect"].notna())
     return table.sort_values(["experiment", "estimator"]).reset_index(drop=True)
 
 

@@ -25,6 +25,11 @@ def test_cluster_designs_are_judged_against_the_global_effect():
     assert table.loc["by-product", "estimand"] == "direct" and table.loc["by-product", "true_effect"] == 3.1
     assert table.loc["by-cluster", "estimand"] == "global" and table.loc["by-cluster", "true_effect"] == 0.2
     assert table["covered"].all()
+    assert "true_spillover" not in table  # the truth given has no spillover
+    results = _results().assign(spillover_effect=[-1.0, None], spillover_se=[0.4, None])
+    spill = report.results_table(results, truth.assign(true_spillover_effect=[-1.2, -0.1]), experiments)
+    spill = spill.set_index("experiment")["true_spillover"]
+    assert spill["by-product"] == -1.2 and pd.isna(spill["by-cluster"])  # shown only beside an estimate
     # judged against the direct effect, the cluster design's interval would miss
     assert not report.results_table(_results(), truth).set_index("experiment").loc["by-cluster", "covered"]
 

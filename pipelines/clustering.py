@@ -10,8 +10,14 @@
    they fit (so a clique is cut into a few big parts, not shattered); finally, if Leiden will not
    split it, a deterministic balanced cut of its breadth-first order.
 
+Block evidence (`graph.block_evidence`) decides first: a block (subclass) whose pooled test shows
+substitution that its edges cannot carry is randomised whole, one cluster per block, split along
+catalogue-attribute similarity when it is larger than `max_cluster_size`
+(`split_by_attributes`). The edge clustering above runs on the other products only.
+
 `cluster_id` = the smallest product_id in the cluster: stable, deterministic, readable. Products
-without any edge are singletons.
+without any edge (outside whole blocks) are singletons. `reason` says why each cluster exists:
+'edges', 'block' (whole block), 'block_split_by_attributes' or 'singleton'.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ MAX_PROPAGATION_ROUNDS = 10_000
 CLUSTER_SCHEMA = T.StructType(
     [T.StructField("product_id", T.StringType()), T.StructField("cluster_id", T.StringType())]
 )
+CLUSTER_REASONS = ("edges", "block", "block_split_by_attributes", "singleton")
+CATALOG_KEYS = ("product_id", "category", "subclass")
 
 
 # ----------------------------------------------------------------------------- components
@@ -295,13 +303,16 @@ def cluster_products(
     resolution: float = DEFAULT_RESOLUTION,
     seed: int = 0,
     use_graphframes: bool | None = None,
+    blocks: pd.DataFrame | None = None,
 ) -> DataFrame:
-    """(product_id, cluster_id) for every product: components, then Leiden, then size cap.
+    """(product_id, cluster_id, reason) for every product: whole blocks, then edge clusters.
 
     edges: src, dst, weight (> 0; direction ignored, duplicates keep the larger weight).
-    products: product_id (e.g. the catalogue). Leiden runs per component on the executors.
-    `resolution`: Leiden's modularity resolution inside each component (see DEFAULT_RESOLUTION);
-    higher gives more, smaller clusters and more spillover cut between them.
+    products: product_id (e.g. the catalogue); with `blocks`, also subclass and the attribute
+    columns. blocks: `graph.block_evidence` rows (block, randomise_whole); the products of a
+    block to randomise whole form its cluster(s) and their edges are left out of the rest.
+    Leiden runs per component on the executors. `resolution`: Leiden's modularity resolution
+    inside each component (see DEFAULT_RESOLUTION); higher gives more, smaller clusters.
     """
     if max_cluster_size < 1:
         raise ValueError(f"max_cluster_size must be >= 1, got {max_cluster_size}")
@@ -317,7 +328,12 @@ def cluster_products(
         row = bad[0]
         raise ValueError(f"edges: weight must be > 0, got {row['weight']} for src={row['src']}, dst={row['dst']}")
 
+    spark = products.sparkSession
     ids = products.select("product_id").where(F.col("product_id").isNotNull()).distinct()
+    whole = _whole_block_clusters(products, blocks, max_cluster_size)
+    if whole is not None:
+        whole_sdf = spark.createDataFrame(whole, "product_id string, cluster_id string, reason string")
+        ids = ids.join(whole_sdf.select("product_id"), "product_id", "left_anti")
     undirected = _undirected_edges(edges, ids).localCheckpoint(eager=True)
     components = _components(undirected, ids, use_graphframes)
     component_edges = undirected.join(components.withColumnRenamed("product_id", "src"), "src")
@@ -326,9 +342,70 @@ def cluster_products(
         return cluster_component(frame, max_cluster_size, resolution, seed)
 
     clustered = component_edges.groupBy("component").applyInPandas(per_component, CLUSTER_SCHEMA)
-    return ids.join(clustered, "product_id", "left").select(
-        "product_id", F.coalesce("cluster_id", "product_id").alias("cluster_id")
+    by_edges = ids.join(clustered, "product_id", "left").select(
+        "product_id",
+        F.coalesce("cluster_id", "product_id").alias("cluster_id"),
+        F.when(F.col("cluster_id").isNull(), F.lit("singleton")).otherwise(F.lit("edges")).alias("reason"),
     )
+    # Leiden pieces of one product (possible after a split) are singletons too
+    sizes = by_edges.groupBy("cluster_id").agg(F.count(F.lit(1)).alias("size"))
+    by_edges = by_edges.join(sizes, "cluster_id").select(
+        "product_id", "cluster_id", F.when(F.col("size") == 1, F.lit("singleton")).otherwise(F.col("reason")).alias("reason")
+    )
+    return by_edges if whole is None else by_edges.unionByName(whole_sdf)
+
+
+def _whole_block_clusters(products: DataFrame, blocks: pd.DataFrame | None, max_cluster_size: int) -> pd.DataFrame | None:
+    """Clusters of the blocks to randomise whole (pandas), or None when there are none."""
+    if blocks is None or blocks.empty or not blocks["randomise_whole"].any():
+        return None
+    if "subclass" not in products.columns:
+        raise ValueError("products: blocks to randomise whole need the catalogue's 'subclass' column")
+    chosen = sorted(blocks.loc[blocks["randomise_whole"].astype(bool), "block"].astype(str))
+    members = products.where(F.col("subclass").isin(chosen)).toPandas()
+    parts = []
+    for block, frame in members.sort_values("product_id").groupby("subclass", sort=True):
+        labels = split_by_attributes(frame, max_cluster_size)
+        reason = "block" if labels.max() == 0 else "block_split_by_attributes"
+        ids = frame["product_id"].astype(str).to_numpy()
+        first = pd.Series(ids).groupby(labels).transform("min").to_numpy()
+        parts.append(pd.DataFrame({"product_id": ids, "cluster_id": first, "reason": reason}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def split_by_attributes(members: pd.DataFrame, max_cluster_size: int) -> np.ndarray:
+    """Part labels 0..k-1 cutting a block into k = ceil(n / max) near-equal parts of similar products.
+
+    Features: every catalogue column but the keys (numeric standardised, categorical one-hot, by
+    scikit-learn's ColumnTransformer). Products are ordered by the leaves of a Ward hierarchical
+    clustering of those features (scipy), so neighbours in the order are alike, and the order is
+    cut into contiguous parts: every part fits, and similar products stay together. Deterministic
+    for a given member order (sort by product_id first).
+    """
+    n = len(members)
+    n_parts = -(-n // max_cluster_size)
+    if n_parts <= 1:
+        return np.zeros(n, dtype=np.int64)
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    features = members.drop(columns=[c for c in CATALOG_KEYS if c in members.columns])
+    numeric = [c for c in features.columns if pd.api.types.is_numeric_dtype(features[c]) or pd.api.types.is_bool_dtype(features[c])]
+    categorical = [c for c in features.columns if c not in numeric]
+    order = np.arange(n)
+    if numeric or categorical:
+        encoder = ColumnTransformer(
+            [("numeric", StandardScaler(), numeric), ("categorical", OneHotEncoder(handle_unknown="ignore"), categorical)],
+            sparse_threshold=0.0,
+        )
+        matrix = encoder.fit_transform(features.assign(**{c: features[c].astype(float) for c in numeric}).fillna(0))
+        if matrix.shape[1] and n > 2:
+            order = leaves_list(linkage(np.asarray(matrix, dtype=float), method="ward"))
+    labels = np.empty(n, dtype=np.int64)
+    for part, chunk in enumerate(np.array_split(order, n_parts)):
+        labels[chunk] = part
+    return labels
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -362,6 +439,12 @@ def cluster_metrics(edges: DataFrame, clusters: DataFrame) -> dict:
     ).first()
     total = float(weight_row["total"] or 0.0)
     cut = float(weight_row["cut"] or 0.0)
+    reasons = {}
+    if "reason" in clusters.columns:
+        reasons = {
+            f"products_by_reason_{row['reason']}": int(row["count"])
+            for row in clusters.groupBy("reason").count().collect()
+        }
 
     def number(value):
         return None if value is None else float(value)
@@ -375,7 +458,26 @@ def cluster_metrics(edges: DataFrame, clusters: DataFrame) -> dict:
         "size_max": number(size_row["max"]),
         "edges_cut": int(weight_row["cut_edges"] or 0),
         "cut_weight_share": cut / total if total > 0 else 0.0,
+        "products": int(clusters.count()),
+        **reasons,
     }
+
+
+SINGLETON_WARNING_SHARE = 0.9
+
+
+def design_warnings(metrics: dict) -> list[str]:
+    """Say so when cluster randomisation is (close to) product randomisation."""
+    products = metrics.get("products") or 0
+    if not products:
+        return []
+    share = metrics["singletons"] / products
+    if share >= SINGLETON_WARNING_SHARE:
+        return [
+            f"{share:.0%} of products are singleton clusters: 'unit: cluster' is close to product randomisation "
+            "here; see the substitution_graph metadata for what the graph could detect"
+        ]
+    return []
 
 
 def largest_clusters_png(edges: DataFrame, clusters: DataFrame, k: int = 6) -> bytes:

@@ -127,6 +127,30 @@ def _neighbour_matrix(edges: pd.DataFrame, product_ids: np.ndarray) -> sparse.cs
     return sparse.diags(scale) @ sub, total[position] > 0
 
 
+def exposure_edges(edges: pd.DataFrame, blocks: pd.DataFrame | None, catalog: pd.DataFrame) -> pd.DataFrame:
+    """The neighbours exposure is mapped on: the graph's edges, and whole blocks where evidence says so.
+
+    A block the graph stage randomises whole (`blocks.randomise_whole`, from
+    `graph.block_evidence`) shows substitution its edges do not carry, so its own edges are
+    replaced by every pair of its members at equal weight: a product's exposure there is the
+    treated share of its block. Edges leaving the block stay. catalog: product_id, subclass.
+    """
+    if blocks is None or blocks.empty or not blocks["randomise_whole"].any():
+        return edges[["src", "dst", "weight"]]
+    whole = set(blocks.loc[blocks["randomise_whole"].astype(bool), "block"].astype(str))
+    block_of = catalog.assign(product_id=catalog["product_id"].astype(str)).set_index("product_id")["subclass"].astype(str)
+    src_block = block_of.reindex(edges["src"].astype(str)).to_numpy()
+    dst_block = block_of.reindex(edges["dst"].astype(str)).to_numpy()
+    inside = (src_block == dst_block) & pd.Series(src_block).isin(whole).to_numpy()
+    kept = edges.loc[~inside, ["src", "dst", "weight"]]
+    pairs = []
+    for block, ids in block_of[block_of.isin(whole)].groupby(block_of[block_of.isin(whole)]):
+        members = np.sort(ids.index.to_numpy())
+        a, b = np.triu_indices(len(members), 1)
+        pairs.append(pd.DataFrame({"src": members[a], "dst": members[b], "weight": 1.0}))
+    return pd.concat([kept, *pairs], ignore_index=True)
+
+
 def condition_of(treated: np.ndarray, exposure: np.ndarray, mostly_treated_share: float) -> np.ndarray:
     """Exposure condition codes (index into `CONDITIONS`), elementwise; works on (draws x products)."""
     some = exposure > 1e-12
@@ -496,7 +520,11 @@ def estimate_spillover(
     spill = _contrast(draws, realised, y, CST, CNT, a_spill, float(np.sum(np.where(observed, 1.0 - np.mean(treated_draws, axis=0), 0.0))), min_probability)
     share_exposed = spill["n_k"] / max(control.sum(), 1)
     result["exposed_control_share"] = float(share_exposed)
-    if spill["n_k"] < min_exposed_controls or spill["n_l"] == 0:
+    if not (a_spill[control] > 0).any():
+        messages.append("spillover 0 by design: no control can ever be exposed to a treated neighbour "
+                        "(every neighbour, by edge or block evidence, shares its unit)")
+        result.update(spillover_effect=0.0, spillover_se=0.0, spillover_effect_ht=0.0, spillover_se_ht=0.0)
+    elif spill["n_k"] < min_exposed_controls or spill["n_l"] == 0:
         messages.append(f"spillover not estimable: {spill['n_k']} exposed control(s) (need >= {min_exposed_controls}) "
                         f"and {spill['n_l']} unexposed")
         result.update(spillover_effect=np.nan, spillover_se=np.nan, spillover_effect_ht=np.nan, spillover_se_ht=np.nan)

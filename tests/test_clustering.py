@@ -113,7 +113,9 @@ def test_requiring_graphframes_without_the_jar_is_a_clear_error(spark, random_gr
 
 def test_every_product_gets_exactly_one_cluster(mixed_graph, mixed_clusters):
     _, products, _, _ = mixed_graph
-    assert list(mixed_clusters.columns) == ["product_id", "cluster_id"]
+    assert list(mixed_clusters.columns) == ["product_id", "cluster_id", "reason"]
+    sizes = mixed_clusters.groupby("cluster_id")["product_id"].transform("size")
+    assert ((sizes == 1) == (mixed_clusters["reason"] == "singleton")).all()
     assert mixed_clusters["product_id"].is_unique
     assert set(mixed_clusters["product_id"]) == set(products["product_id"])
     lonely = mixed_clusters[mixed_clusters["product_id"].str.startswith("lonely")]

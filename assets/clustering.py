@@ -38,7 +38,9 @@ def product_clusters(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     if reused:
         context.log.info(f"clusters for snapshot {snapshots[-1]} exist and are never rewritten; reusing them")
     else:
-        clusters = clustering.cluster_products(edges, products, max_cluster_size=MAX_CLUSTER_SIZE)
+        clusters = clustering.cluster_products(
+            edges, products, max_cluster_size=MAX_CLUSTER_SIZE, checkpoint_dir=str(warehouse.root / "checkpoints")
+        )
         warehouse.write(clusters, "product_clusters", partition)
     clusters = warehouse.read(spark, "product_clusters", partition)
     metrics = clustering.cluster_metrics(edges, clusters)

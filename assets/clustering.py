@@ -40,7 +40,10 @@ def product_clusters(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         context.log.info(f"clusters for snapshot {snapshots[-1]} exist and are never rewritten; reusing them")
     else:
         blocks = warehouse.read(spark, graph.BLOCKS_TABLE, partition).toPandas() if warehouse.exists(graph.BLOCKS_TABLE, partition) else None
-        clusters = clustering.cluster_products(edges, catalog, max_cluster_size=MAX_CLUSTER_SIZE, blocks=blocks)
+        clusters = clustering.cluster_products(
+            edges, catalog, max_cluster_size=MAX_CLUSTER_SIZE, blocks=blocks,
+            checkpoint_dir=str(warehouse.root / "checkpoints"),
+        )
         warehouse.write(clusters, "product_clusters", partition)
     clusters = warehouse.read(spark, "product_clusters", partition)
     metrics = clustering.cluster_metrics(edges, clusters)

@@ -3,8 +3,10 @@
 For each size (products x 365 days of simulated history, ~50 products a subclass) the script
 1. simulates the market in a child process and writes the sales (product_id, date, price, units,
    views) and the catalogue as Parquet under a temporary directory;
-2. runs, in a fresh child process, `build_substitution_graph` (materialised) then
-   `cluster_products` (materialised) on a local Spark session reading that Parquet;
+2. runs, in a fresh child process, `build_substitution_graph` (materialised), `cluster_products`
+   (materialised), then connected components of that graph alone, once with the plain Spark
+   fallback and once with GraphFrames (when its jar, fetched by `make setup` into ./jars, is on
+   the classpath; the two partitions are compared), on a local Spark session reading that Parquet;
 3. runs, in another child process with a time cap, a straightforward pandas implementation of the
    graph stage on the driver: read the Parquet, one `block_pair_statistics` per subclass (the
    same numpy kernel) in a groupby loop, Benjamini-Hochberg and the edge rule in numpy. No Spark.
@@ -14,6 +16,7 @@ driver, JVM, Python workers), sampled every 0.2 s from /proc. Wall times exclude
 Spark start-up. Every figure is printed as a progress line and again in the final table.
 
     .venv/bin/python benchmarks/graph_scale.py [--sizes 10000,50000,100000] [--pandas-cap 900]
+        [--pandas-max 50000]
 """
 from __future__ import annotations
 
@@ -107,13 +110,25 @@ def _snapshot(data: Path):
     return date.fromordinal(int((data / "snapshot").read_text()))
 
 
+def _timed_components(edges, catalog, use_graphframes: bool, checkpoint_dir: Path):
+    """(components DataFrame materialised, seconds, number of components)."""
+    from pipelines.clustering import connected_components
+
+    started = time.perf_counter()
+    found = connected_components(edges, catalog, use_graphframes=use_graphframes, checkpoint_dir=str(checkpoint_dir))
+    found = found.localCheckpoint(eager=True)
+    seconds = time.perf_counter() - started
+    return found, seconds, found.select("component").distinct().count()
+
+
 def step_spark(data: Path) -> dict:
     from pipelines.clustering import cluster_products
     from pipelines.graph import build_substitution_graph
-    from pipelines.spark import get_spark
+    from pipelines.spark import get_spark, graphframes_available, jar_files
+    from pyspark.sql import functions as F
 
     with PeakMemory() as memory:
-        spark = get_spark(app_name="graph-scale")
+        spark = get_spark(app_name="graph-scale", jars=jar_files(ROOT / "jars"))
         sales = spark.read.parquet(str(data / "sales.parquet"))
         catalog = spark.read.parquet(str(data / "catalog.parquet"))
         started = time.perf_counter()
@@ -124,9 +139,17 @@ def step_spark(data: Path) -> dict:
         clusters = cluster_products(edges, catalog).localCheckpoint(eager=True)
         n_clusters = clusters.select("cluster_id").distinct().count()
         clustering_s = time.perf_counter() - started
+        # After the clustering (which ran components once already), so neither side pays JVM warm-up.
+        fallback, cc_fallback_s, n_components = _timed_components(edges, catalog, False, data / "checkpoints")
+        cc_graphframes_s = cc_same = None
+        if graphframes_available(spark):
+            graphframes, cc_graphframes_s, _ = _timed_components(edges, catalog, True, data / "checkpoints")
+            differing = fallback.join(graphframes.withColumnRenamed("component", "gf"), "product_id", "full_outer")
+            cc_same = differing.where(~F.col("component").eqNullSafe(F.col("gf"))).count() == 0
         spark.stop()
     return {"graph_s": graph_s, "clustering_s": clustering_s, "edges": n_edges, "clusters": n_clusters,
-            "peak_gb": memory.peak / 1e9}
+            "peak_gb": memory.peak / 1e9, "cc_fallback_s": cc_fallback_s, "cc_graphframes_s": cc_graphframes_s,
+            "cc_same": cc_same, "components": n_components}
 
 
 def pandas_substitution_graph(sales, catalog, snapshot, window_days=365, min_overlap=60, fdr=0.05, min_corr=0.1):
@@ -213,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             spark = run_child("spark", data, n_products, None)
             print(f"[{n_products}] spark: graph {spark['graph_s']:.0f}s, clustering {spark['clustering_s']:.0f}s, "
                   f"peak {spark['peak_gb']:.2f} GB, {spark['edges']:,} edges, {spark['clusters']:,} clusters", flush=True)
+            graphframes = ("not run: GraphFrames jar not on the classpath" if spark["cc_graphframes_s"] is None else
+                           f"GraphFrames {spark['cc_graphframes_s']:.1f}s "
+                           f"({'same' if spark['cc_same'] else 'DIFFERENT'} partition)")
+            print(f"[{n_products}] connected components ({spark['components']:,}): fallback {spark['cc_fallback_s']:.1f}s, "
+                  f"{graphframes}", flush=True)
             if n_products <= args.pandas_max:
                 pandas = run_child("pandas", data, n_products, args.pandas_cap)
                 if pandas is None:
@@ -225,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((n_products, sim, spark, pandas))
 
     header = (f"{'products':>9} {'subcl':>6} {'rows':>12} | {'spark graph s':>13} {'cluster s':>9} {'peak GB':>7} "
-              f"{'edges':>9} {'clusters':>8} | {'pandas graph s':>14} {'peak GB':>7} {'edges':>9}")
+              f"{'edges':>9} {'clusters':>8} | {'cc fallback s':>13} {'cc GraphFrames s':>16} | "
+              f"{'pandas graph s':>14} {'peak GB':>7} {'edges':>9}")
     print()
     print(header)
     print("-" * len(header))
@@ -234,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
             tail = f"{pandas['graph_s']:>14.0f} {pandas['peak_gb']:>7.2f} {pandas['edges']:>9,}"
         else:
             tail = f"{'> cap' if pandas is None else 'not run':>14} {'':>7} {'':>9}"
+        if spark["cc_graphframes_s"] is None:
+            graphframes = "no jar"
+        else:
+            graphframes = f"{spark['cc_graphframes_s']:.1f}" + ("" if spark["cc_same"] else " (differs)")
         print(f"{n_products:>9,} {sim['subclasses']:>6,} {sim['rows']:>12,} | {spark['graph_s']:>13.0f} "
-              f"{spark['clustering_s']:>9.0f} {spark['peak_gb']:>7.2f} {spark['edges']:>9,} {spark['clusters']:>8,} | {tail}")
+              f"{spark['clustering_s']:>9.0f} {spark['peak_gb']:>7.2f} {spark['edges']:>9,} {spark['clusters']:>8,} | "
+              f"{spark['cc_fallback_s']:>13.1f} {graphframes:>16} | {tail}")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 1. Connected components of the whole graph, on Spark: GraphFrames' `connectedComponents` when its
    JVM jar is on the classpath, otherwise a plain-DataFrame min-label propagation. Both return the
-   same partition with the same label (the smallest product_id of the component).
+   same partition with the same label (the smallest product_id of the component); which one ran,
+   and why, is logged.
 2. Inside each component, igraph's Leiden (modularity, edge weights, `resolution`, fixed seed) on
    the executors, one `applyInPandas` group per component.
 3. A cluster still larger than `max_cluster_size` is split again: Leiden on its own subgraph at a
@@ -22,6 +23,7 @@ without any edge (outside whole blocks) are singletons. `reason` says why each c
 from __future__ import annotations
 
 import io
+import logging
 import random
 import tempfile
 from collections import deque
@@ -33,7 +35,9 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.spark import graphframes_available
+from pipelines.spark import graphframes_missing_reason
+
+logger = logging.getLogger(__name__)
 
 # Components are already small (substitutes within a subclass), and modularity at resolution 1
 # splits a sparsely observed substitute group into pairs and triples. Measured on the default
@@ -132,17 +136,20 @@ def _components_by_propagation(edges: DataFrame, vertices: DataFrame) -> DataFra
     raise RuntimeError(f"connected components did not converge in {MAX_PROPAGATION_ROUNDS} rounds")
 
 
-def _components_by_graphframes(edges: DataFrame, vertices: DataFrame) -> DataFrame:
+def _components_by_graphframes(edges: DataFrame, vertices: DataFrame, checkpoint_dir: str | None = None) -> DataFrame:
     """GraphFrames' connectedComponents, with the settings its documentation asks for.
 
-    A checkpoint directory on the SparkContext (a temporary one if none is set) and adaptive
-    query execution off for the duration of the step, restored afterwards.
+    A checkpoint directory on the SparkContext (`checkpoint_dir`, e.g. under the data dir; else the
+    one already set; else a temporary one) and adaptive query execution off for the duration of
+    the step, restored afterwards.
     """
     from graphframes import GraphFrame
 
     spark = edges.sparkSession
     context = spark.sparkContext
-    if context.getCheckpointDir() is None:
+    if checkpoint_dir is not None:
+        context.setCheckpointDir(str(checkpoint_dir))
+    elif context.getCheckpointDir() is None:
         context.setCheckpointDir(tempfile.mkdtemp(prefix="pricelab-graphframes-"))
     with _adaptive_execution_off(spark):
         graph = GraphFrame(vertices.select(F.col("product_id").alias("id")).distinct(), edges.select("src", "dst"))
@@ -153,31 +160,52 @@ def _components_by_graphframes(edges: DataFrame, vertices: DataFrame) -> DataFra
     return found.join(smallest, "component").select("product_id", F.col("label").alias("component"))
 
 
-def connected_components(edges: DataFrame, vertices: DataFrame, use_graphframes: bool | None = None) -> DataFrame:
+def connected_components(
+    edges: DataFrame, vertices: DataFrame, use_graphframes: bool | None = None, checkpoint_dir: str | None = None
+) -> DataFrame:
     """(product_id, component) for every vertex; component = the smallest product_id in it.
 
     edges: src, dst (direction ignored; edges touching a product outside `vertices` are ignored).
     vertices: product_id. use_graphframes: None = use GraphFrames when its jar is on the
     classpath, True = require it (error if absent), False = plain Spark DataFrames.
+    checkpoint_dir: GraphFrames' checkpoint directory (see `_components_by_graphframes`).
+    Which implementation ran, and why, is logged (logger `pipelines.clustering`, INFO).
     """
     ids = vertices.select("product_id").where(F.col("product_id").isNotNull()).distinct()
-    return _components(_undirected_edges(edges, ids), ids, use_graphframes)
+    return _components(_undirected_edges(edges, ids), ids, use_graphframes, checkpoint_dir)
 
 
-def _components(undirected: DataFrame, ids: DataFrame, use_graphframes: bool | None) -> DataFrame:
-    """connected_components on already canonical edges and distinct vertex ids."""
-    spark = undirected.sparkSession
-    available = graphframes_available(spark)
-    if use_graphframes and not available:
+GRAPHFRAMES_IMPLEMENTATION = "GraphFrames connectedComponents"
+FALLBACK_IMPLEMENTATION = "plain Spark min-label propagation (fallback)"
+
+
+def _choose_components_implementation(spark, use_graphframes: bool | None) -> bool:
+    """True for GraphFrames: when asked, or (None) when its jar is on the classpath. Logs the choice."""
+    missing = graphframes_missing_reason(spark)
+    if use_graphframes and missing:
         raise RuntimeError(
-            "use_graphframes=True but the GraphFrames JVM jar is not on the Spark classpath "
-            "(org.graphframes.GraphFrame not found); add it with spark.jars / spark.jars.packages, "
-            "or pass use_graphframes=None to fall back to the plain Spark implementation"
+            f"use_graphframes=True but {missing}; add it with spark.jars (`make setup` fetches it into "
+            "./jars) or spark.jars.packages, or pass use_graphframes=None to fall back to the plain "
+            "Spark implementation"
         )
     if use_graphframes is None:
-        use_graphframes = available
-    if use_graphframes:
-        found = _components_by_graphframes(undirected, ids)
+        chosen = missing is None
+        why = "the GraphFrames JVM jar is on the Spark classpath" if chosen else missing
+    else:
+        chosen, why = use_graphframes, f"use_graphframes={use_graphframes} was asked for"
+    logger.info(
+        "connected components: %s, because %s", GRAPHFRAMES_IMPLEMENTATION if chosen else FALLBACK_IMPLEMENTATION, why
+    )
+    return chosen
+
+
+def _components(
+    undirected: DataFrame, ids: DataFrame, use_graphframes: bool | None, checkpoint_dir: str | None = None
+) -> DataFrame:
+    """connected_components on already canonical edges and distinct vertex ids."""
+    spark = undirected.sparkSession
+    if _choose_components_implementation(spark, use_graphframes):
+        found = _components_by_graphframes(undirected, ids, checkpoint_dir)
         # Some GraphFrames releases drop isolated vertices: every vertex is its own component then.
         return ids.join(found, "product_id", "left").select(
             "product_id", F.coalesce("component", "product_id").alias("component")
@@ -304,6 +332,7 @@ def cluster_products(
     seed: int = 0,
     use_graphframes: bool | None = None,
     blocks: pd.DataFrame | None = None,
+    checkpoint_dir: str | None = None,
 ) -> DataFrame:
     """(product_id, cluster_id, reason) for every product: whole blocks, then edge clusters.
 
@@ -313,6 +342,7 @@ def cluster_products(
     block to randomise whole form its cluster(s) and their edges are left out of the rest.
     Leiden runs per component on the executors. `resolution`: Leiden's modularity resolution
     inside each component (see DEFAULT_RESOLUTION); higher gives more, smaller clusters.
+    `use_graphframes`, `checkpoint_dir`: how connected components run (see `connected_components`).
     """
     if max_cluster_size < 1:
         raise ValueError(f"max_cluster_size must be >= 1, got {max_cluster_size}")
@@ -335,7 +365,7 @@ def cluster_products(
         whole_sdf = spark.createDataFrame(whole, "product_id string, cluster_id string, reason string")
         ids = ids.join(whole_sdf.select("product_id"), "product_id", "left_anti")
     undirected = _undirected_edges(edges, ids).localCheckpoint(eager=True)
-    components = _components(undirected, ids, use_graphframes)
+    components = _components(undirected, ids, use_graphframes, checkpoint_dir)
     component_edges = undirected.join(components.withColumnRenamed("product_id", "src"), "src")
 
     def per_component(frame: pd.DataFrame) -> pd.DataFrame:

@@ -656,7 +656,7 @@ def block_evidence(blocks: pd.DataFrame, rule: BlockEvidenceRule = BlockEvidence
     (`randomise_whole`); `reason` says which case applies. Adds: pooled_p, posterior_z (posterior
     mean of theta_b), posterior_probability, cross_elasticity_estimate (total per product),
     pooled_detectable_elasticity (80% power at the pooled test's own BH step), resolved_share,
-    evidence, randomise_whole, reason.
+    evidence, randomise_whole, exposure_by_block (see below), reason.
     """
     out = blocks.copy()
     z = out["pooled_z"].to_numpy(dtype=float)
@@ -708,6 +708,12 @@ def block_evidence(blocks: pd.DataFrame, rule: BlockEvidenceRule = BlockEvidence
     out["resolved_share"] = resolved
     out["evidence"] = evidence
     out["randomise_whole"] = whole
+    # exposure is the block's treated share where substitution is more likely than not and the
+    # edges do not carry it: the blocks randomised whole, and (in a market that shows substitution)
+    # the blocks that fell short of the posterior needed to randomise them whole
+    out["exposure_by_block"] = whole | (
+        pooled & (np.nan_to_num(probability) >= 0.5) & (resolved < rule.min_resolved_share)
+    )
     out["reason"] = reason
     out["market_z"] = market_z  # the snapshot-wide pooled test, on every row
     out["market_pooled"] = bool(pooled)

@@ -686,7 +686,8 @@ def block_evidence(blocks: pd.DataFrame, rule: BlockEvidenceRule = BlockEvidence
         z_needed = float(ndtri(1.0 - rule.fdr / max(n_blocks, 1))) + POWER_Z
         detectable = np.where(k > 0, z_needed / k, np.nan)
         z_all, z_edges = out["z_all"].to_numpy(float), out["z_edges"].to_numpy(float)
-        resolved = np.where(z_all > 0, np.clip(z_edges / z_all, 0.0, 1.0), 1.0)
+        # the share of the pair signal on edges; without any positive signal, 1 if edges exist, else 0
+        resolved = np.where(z_all > 0, np.clip(z_edges / z_all, 0.0, 1.0), np.where(z_edges > 0, 1.0, 0.0))
     by_pooling = pooled & (probability >= rule.posterior)
     evidence = own | by_pooling
     material = np.nan_to_num(estimate) >= rule.min_cross_elasticity

@@ -125,6 +125,7 @@ def trigger_events(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     loaded = inputs.load_trigger_events(spark, warehouse.root)
     counts, examples = inputs.rejection_summary(loaded.rejected)
     _log_refusals(context, "trigger_events", counts, examples, loaded.refused_files)
+    warehouse.write(loaded.rejected, "quarantine/trigger_events")
     warehouse.write(loaded.rows, "trigger_events")
     per_event = {r["event"]: int(r["count"]) for r in warehouse.read(spark, "trigger_events").groupBy("event").count().collect()}
     return dg.MaterializeResult(

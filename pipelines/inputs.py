@@ -123,7 +123,13 @@ def _file_columns(path: Path) -> list[str]:
                 first = chunk.dictionary_page_offset if chunk.has_dictionary_page and chunk.dictionary_page_offset else chunk.data_page_offset
                 if first < 4 or first + chunk.total_compressed_size > size - 8:
                     raise ValueError(f"row group {i} column {j} points outside the file (truncated?)")
-        return list(metadata.schema.to_arrow_schema().names)
+        names = list(metadata.schema.to_arrow_schema().names)
+        # decode every page once (streaming, one batch at a time): a file whose pages are
+        # corrupt is refused here, alone, rather than failing the Spark job that reads them all
+        handle = pq.ParquetFile(path)
+        for batch in handle.iter_batches(batch_size=1 << 16):
+            del batch
+        return names
     opener = gzip.open if suffix == ".csv.gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         header = handle.readline().strip()

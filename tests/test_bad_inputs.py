@@ -223,6 +223,14 @@ def corrupt_parquet(root: Path) -> None:
     (sales_dir(root) / "broken.parquet").write_bytes(data[: len(data) // 2])
 
 
+def scramble_middle(data: bytes) -> bytes:
+    """The same file with its middle bytes garbled: a valid footer over corrupt pages."""
+    mixed = bytearray(data)
+    for i in range(len(mixed) // 4, len(mixed) // 2):
+        mixed[i] = (mixed[i] * 7 + 13) % 256
+    return bytes(mixed)
+
+
 FIRST = HISTORY[0].isoformat()
 SALES_CASES = [
     Case("infinite-price-csv", "sales", add_sales("inf.csv", [("k1-0", "2025-12-31", "Infinity", 2.0)], csv=True), "price is not finite (NaN or Infinity)", "history rows"),
@@ -235,6 +243,7 @@ SALES_CASES = [
     Case("gzipped-csv-read", "sales", add_sales("new.csv.gz", [("k1-0", "2025-12-31", 9.0, 1.0)], gz=True), "rows: +1", "history rows"),
     Case("unsupported-file-in-sales-dir", "sales", lambda root: (sales_dir(root) / "notes.xlsx").write_bytes(b"PK"), "notes.xlsx: not a data file", "history rows"),
     Case("corrupt-parquet-refused-alone", "sales", corrupt_parquet, "broken.parquet: cannot be read", "history rows (and the good new file loads)"),
+    Case("parquet-corrupt-pages", "sales", lambda root: (sales_dir(root) / "pages.parquet").write_bytes(scramble_middle((sales_dir(root) / "history.parquet").read_bytes())), "pages.parquet: cannot be read (OSError", "history rows"),
     Case("garbage-parquet", "sales", lambda root: (sales_dir(root) / "junk.parquet").write_bytes(b"not parquet at all"), "junk.parquet: cannot be read", "history rows"),
     Case("missing-units-column", "sales", lambda root: pd.DataFrame({"product_id": ["k1-0"], "date": [HISTORY[0]], "price": [1.0]}).to_parquet(sales_dir(root) / "nounits.parquet"), "field(s) 'units' missing", "history rows"),
     Case("price-not-a-number", "sales", add_sales("text.csv", [("k1-0", "2025-12-31", "cheap", 1.0)], csv=True), "price is not a number", "history rows"),

@@ -112,6 +112,8 @@ def _enrol(context, spark, warehouse, spec, catalog, snapshots, not_published, f
                     f"experiment '{spec.name}' ({spec.source}) differs from the spec it was enrolled with; its "
                     "enrolment (products, units) stays frozen because days with its rows are published"
                 )
+            if enrolled is None:  # enrolled before the registry existed: its current file owns the name from now on
+                warehouse.write(experiments.registry_frame(spec), experiments.REGISTRY_TABLE, partition)
             frozen.append(spec.name)
             return warehouse.read(spark, "enrolments", partition).drop("experiment")
         context.log.info(

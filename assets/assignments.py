@@ -6,18 +6,24 @@ range: backfills run as one Spark job) can be computed alone, in any order. The 
 written once, at the experiment's first publication (`warehouse/enrolments/experiment=<name>/`),
 so a product added to the catalogue later never shifts a running experiment's arms. A published day is never changed: recomputing it must give the
 same rows, and a run that would alter a published day is refused before anything is written.
+The blocking checks (contract, units move together) run on the computed rows before any day is
+written; a failure publishes nothing. One publish at a time: a second concurrent run is refused
+by the warehouse lock with a clear message.
 """
 
 import base64
 import datetime as dt
+from pathlib import Path
 
 import dagster as dg
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from assets.checks import gx_check_result
+from assets.inputs import read_registry
 from assets.partitions import daily_partitions
 from pipelines import assignment, experiments, quality
+from pipelines.storage import WarehouseLockedError
 
 ASSIGNMENT_CONTRACT = "assignment_contract"
 UNITS_MOVE_TOGETHER = "units_move_together"
@@ -70,34 +76,98 @@ def daily_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     """(date, experiment, product_id, unit_id, arm, blackout, price_change) for each day."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     days = _days(context.partition_time_window)
+    try:
+        with warehouse.lock("daily_assignments"):
+            return _publish(context, spark, warehouse, days)
+    except WarehouseLockedError as error:
+        raise dg.Failure(description=f"daily_assignments {days[0]}..{days[-1]} not published: {error}") from None
+
+
+def _published_rows_exist(spark, warehouse, spec) -> bool:
+    """True when some published day already holds a row of `spec` (its enrolment is then frozen)."""
+    if not warehouse.partitions("daily_assignments", "date"):
+        return False
+    rows = warehouse.read(spark, "daily_assignments").where(
+        F.col("date").between(F.lit(spec.start), F.lit(spec.end)) & (F.col("experiment") == spec.name)
+    )
+    return bool(rows.limit(1).count())
+
+
+def _enrol(context, spark, warehouse, spec, catalog, snapshots, not_published, frozen, registry) -> DataFrame | None:
+    """The experiment's enrolment: frozen once one of its rows is published; recomputed (so an edit
+    of the population or catalogue applies) while none is, e.g. after a killed first publish."""
+    partition = ("experiment", spec.name)
+    enrolled = registry.get(spec.name)
+    if enrolled is not None and enrolled["file"] != Path(spec.source).name:
+        raise dg.Failure(
+            description=(
+                f"experiment '{spec.name}' comes from {Path(spec.source).name} but its enrolment belongs to "
+                f"{enrolled['file']}: a running name stays with its file; nothing published"
+            )
+        )
+    if warehouse.exists("enrolments", partition):
+        if _published_rows_exist(spark, warehouse, spec):
+            if enrolled is not None and enrolled["fingerprint"] != experiments.spec_fingerprint(spec):
+                context.log.warning(
+                    f"experiment '{spec.name}' ({spec.source}) differs from the spec it was enrolled with; its "
+                    "enrolment (products, units) stays frozen because days with its rows are published"
+                )
+            if enrolled is None:  # enrolled before the registry existed: its current file owns the name from now on
+                warehouse.write(experiments.registry_frame(spec), experiments.REGISTRY_TABLE, partition)
+            frozen.append(spec.name)
+            return warehouse.read(spark, "enrolments", partition).drop("experiment")
+        context.log.info(
+            f"experiment '{spec.name}': enrolment recomputed (no row of it is published yet, so the current "
+            "file and catalogue apply)"
+        )
+    clusters = None
+    if spec.unit == "cluster":
+        snapshot = _snapshot_in_force(snapshots, spec.start)
+        if snapshot is None:
+            not_published[spec.name] = f"no product_clusters snapshot dated on or before its start {spec.start}"
+            context.log.error(f"experiment '{spec.name}' not assigned: {not_published[spec.name]}")
+            return None
+        clusters = warehouse.read(spark, "product_clusters", ("snapshot_date", snapshot)).drop("snapshot_date")
+    warehouse.write(assignment.enrolment_units(spec, catalog, clusters), "enrolments", partition)
+    warehouse.write(experiments.registry_frame(spec), experiments.REGISTRY_TABLE, partition)
+    return warehouse.read(spark, "enrolments", partition).drop("experiment")
+
+
+def _publish(context, spark, warehouse, days: list[dt.date]) -> dg.MaterializeResult:
     specs = experiments.frame_to_specs(warehouse.read(spark, "experiments").toPandas())
+    if not specs:
+        raise dg.Failure(
+            description=(
+                f"no accepted experiment in {warehouse.input_dir / 'experiments'}: nothing published for "
+                f"{days[0]}..{days[-1]} (an empty published day could never change later)"
+            )
+        )
     active = [s for s in specs if s.start <= days[-1] and s.end >= days[0]]
     catalog = warehouse.read(spark, "catalog")
     snapshots = warehouse.partitions("product_clusters", "snapshot_date")
     events = warehouse.read(spark, "trigger_events") if warehouse.exists("trigger_events") else None
+    registry_table = read_registry(warehouse)
+    registry = {} if registry_table is None else {r["name"]: r for r in registry_table.to_dict("records")}
 
     units_by_experiment, not_published, frozen = {}, {}, []
     for spec in active:
-        enrolment = ("experiment", spec.name)
-        if warehouse.exists("enrolments", enrolment):
-            # frozen at the experiment's first publication: products added to the catalogue (or a
-            # later edit of the population) never move units that days were already published for
-            units_by_experiment[spec.name] = warehouse.read(spark, "enrolments", enrolment).drop("experiment")
-            frozen.append(spec.name)
-            continue
-        clusters = None
-        if spec.unit == "cluster":
-            snapshot = _snapshot_in_force(snapshots, spec.start)
-            if snapshot is None:
-                not_published[spec.name] = f"no product_clusters snapshot dated on or before its start {spec.start}"
-                context.log.error(f"experiment '{spec.name}' not assigned: {not_published[spec.name]}")
-                continue
-            clusters = warehouse.read(spark, "product_clusters", ("snapshot_date", snapshot)).drop("snapshot_date")
-        warehouse.write(assignment.enrolment_units(spec, catalog, clusters), "enrolments", enrolment)
-        units_by_experiment[spec.name] = warehouse.read(spark, "enrolments", enrolment).drop("experiment")
+        units = _enrol(context, spark, warehouse, spec, catalog, snapshots, not_published, frozen, registry)
+        if units is not None:
+            units_by_experiment[spec.name] = units
     runnable = [s for s in active if s.name in units_by_experiment]
     context.log.info(f"computing {len(days)} day(s) {days[0]}..{days[-1]} for {len(runnable)} experiment(s)")
     rows = assignment.assign_experiments(runnable, units_by_experiment, days, events).cache()
+
+    # blocking validation of the rows BEFORE anything is written
+    outcome = quality.validate(rows, "assignments", quality.assignment_expectations())
+    n_split, split_examples = quality.split_units(rows)
+    if not outcome.passed or n_split:
+        rows.unpersist()
+        problem = outcome.describe() if not outcome.passed else f"{n_split} unit(s) split across arms, e.g. {split_examples[:3]}"
+        raise dg.Failure(
+            description=f"daily_assignments {days[0]}..{days[-1]} not published: {problem[:400]}",
+            metadata={"split_units": dg.MetadataValue.json(split_examples)},
+        )
 
     published_days = [d for d in days if warehouse.exists("daily_assignments", ("date", d.isoformat()))]
     if published_days:
@@ -119,8 +189,6 @@ def daily_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult
             rows.where(F.col("date").isin(new_days)), "daily_assignments", "date", [d.isoformat() for d in new_days]
         )
 
-    outcome = quality.validate(rows, "assignments", quality.assignment_expectations())
-    n_split, split_examples = quality.split_units(rows)
     counts = {
         f"{r['experiment']}/{r['arm']}": int(r["count"])
         for r in rows.groupBy("experiment", "arm").count().orderBy("experiment", "arm").collect()
@@ -145,6 +213,9 @@ def daily_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     ) if runnable else None
     for spec in runnable:
         frame = calendars[calendars["experiment"] == spec.name]
+        if frame.empty:  # e.g. a triggered experiment before any trigger fired: nothing to draw yet
+            metadata[f"calendar_{spec.name}"] = "no published row yet"
+            continue
         picture = assignment.assignment_calendar_png(frame, spec.name, max_units=CALENDAR_UNITS, design=spec.design)
         warehouse.write_file(f"plots/assignments_{spec.name}.png", picture)
         metadata[f"calendar_{spec.name}"] = dg.MetadataValue.md(

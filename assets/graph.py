@@ -15,15 +15,19 @@ from pipelines import graph, inputs
 
 class SnapshotConfig(dg.Config):
     """`snapshot_date` (YYYY-MM-DD): the day the snapshot is in force from. Default: the day
-    after the last sales day."""
+    after the last complete sales day (the latest day with at least half the median day's products)."""
 
     snapshot_date: str = ""
 
 
 def resolve_snapshot_date(config: SnapshotConfig, sales) -> dt.date:
     if config.snapshot_date:
-        return dt.date.fromisoformat(config.snapshot_date)
-    last = sales.agg(F.max("date")).first()[0]
+        try:
+            return dt.date.fromisoformat(config.snapshot_date)
+        except ValueError:
+            raise dg.Failure(f"substitution_graph: config snapshot_date {config.snapshot_date[:40]!r} is not a date YYYY-MM-DD") from None
+    # the latest day most products sold on, never one stray row's date (snapshots are never rewritten)
+    last = inputs.last_complete_sales_day(sales)
     if last is None:
         raise dg.Failure("substitution_graph: the sales table is empty, so there is no history to build a graph from")
     return last + dt.timedelta(days=1)

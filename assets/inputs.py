@@ -125,6 +125,7 @@ def trigger_events(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     loaded = inputs.load_trigger_events(spark, warehouse.root)
     counts, examples = inputs.rejection_summary(loaded.rejected)
     _log_refusals(context, "trigger_events", counts, examples, loaded.refused_files)
+    warehouse.write(loaded.rejected, "quarantine/trigger_events")
     warehouse.write(loaded.rows, "trigger_events")
     per_event = {r["event"]: int(r["count"]) for r in warehouse.read(spark, "trigger_events").groupBy("event").count().collect()}
     return dg.MaterializeResult(
@@ -141,12 +142,33 @@ def trigger_events(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     ],
 )
 def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    """Experiment definitions from `input/experiments/*.yaml`; a bad file is refused alone."""
+    """Experiment definitions from `input/experiments/*.yaml`; a bad file is refused alone.
+
+    Running experiments (with an enrolment) keep their name's file for good and, when that file
+    is refused or gone, their last valid spec. The run fails when files exist but none is usable.
+    """
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     known = warehouse.read(spark, "catalog").select("product_id", "category", "subclass").toPandas()
-    specs, errors = experiment_files.load_experiments(warehouse.input_dir / "experiments", known)
+    registry = read_registry(warehouse)
+    previous = warehouse.read(spark, "experiments").toPandas() if warehouse.exists("experiments") else None
+    directory = warehouse.input_dir / "experiments"
+    loaded = experiment_files.load_experiment_directory(
+        directory, known, experiment_files.running_specs(registry, previous)
+    )
+    specs, errors = loaded.specs, loaded.refused
+    for message in loaded.ignored:
+        context.log.warning(message)
     for error in errors:
         context.log.error(f"experiment refused: {error}")
+    for message in loaded.kept:
+        context.log.error(f"RUNNING EXPERIMENT KEPT: {message}")
+    if not specs and errors:
+        raise dg.Failure(
+            description=f"every experiment file in {directory} was refused ({len(errors)}); first: {errors[0]}",
+            metadata={"refused": dg.MetadataValue.json([str(e) for e in errors])},
+        )
+    if not specs:
+        context.log.warning(f"no experiment file in {directory}: no experiment will be published")
     warehouse.write(experiment_files.specs_to_frame(specs), "experiments")
     return dg.MaterializeResult(
         metadata={
@@ -154,13 +176,31 @@ def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
                 {s.name: {"design": s.design, "start": str(s.start), "end": str(s.end), "unit": s.unit} for s in specs}
             ),
             "refused": len(errors),
+            "kept_on_last_valid_spec": dg.MetadataValue.json(loaded.kept),
         },
         check_results=[
             dg.AssetCheckResult(
                 check_name=EXPERIMENT_FILES_VALID,
-                passed=not errors,
+                passed=not errors and not loaded.kept and not loaded.ignored,
                 severity=dg.AssetCheckSeverity.WARN,
-                metadata={"refused": dg.MetadataValue.json([str(e) for e in errors])},
+                metadata={
+                    "refused": dg.MetadataValue.json([str(e) for e in errors]),
+                    "kept_on_last_valid_spec": dg.MetadataValue.json(loaded.kept),
+                    "ignored": dg.MetadataValue.json(loaded.ignored),
+                },
             )
         ],
+    )
+
+
+def read_registry(warehouse):
+    """The enrolled experiments (one row each: spec, owning file, fingerprint), or None."""
+    import pandas as pd
+
+    names = warehouse.partitions(experiment_files.REGISTRY_TABLE, "experiment")
+    if not names:
+        return None
+    return pd.concat(
+        [pd.read_parquet(warehouse.path(experiment_files.REGISTRY_TABLE, ("experiment", n))) for n in names],
+        ignore_index=True,
     )

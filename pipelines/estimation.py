@@ -116,6 +116,9 @@ def pool_profile(pre_rows: pd.DataFrame, settings: CounterfactualSettings) -> pd
     harmonic. Returns one row (experiment, pool, pool_coef, pool_products); pool_coef is empty
     when fewer than `min_pool_products` products qualify.
     """
+    # Spark hands a group's rows over in no fixed order, and a least-squares fit of the same rows in
+    # another order differs by ~1e-14, which the forest magnifies: fit them in one canonical order.
+    pre_rows = pre_rows.sort_values(["product_id", "date"], kind="stable").reset_index(drop=True)
     days = pre_rows.groupby("product_id")["y"].transform("size")
     level = pre_rows.groupby("product_id")["y"].transform("mean")
     usable = pre_rows[(days >= settings.yearly_min_days) & (level > 0)]

@@ -14,6 +14,15 @@ Decisions the contract leaves open, taken here:
   `subclasses: [knives]` selects kitchen knives. An omitted or empty `population` means the whole
   catalogue; an empty list under a key is refused (omit the key instead).
 - The file stem need not equal `name`, but names are unique across the directory.
+- A name that is running (it has an enrolment) belongs to the file that enrolled it, for good:
+  another file claiming it is refused, whatever the file names' order. If that file is later
+  refused or removed, the experiment keeps its last valid spec, with a loud warning, so a
+  published day never silently drops a running experiment.
+- `treatment.price_change` must lie within +-MAX_PRICE_CHANGE (0.5): a price experiment moves
+  prices by percents, and `5` (+500%) is a typo far more often than an intent.
+- YAML is parsed safely and strictly: no aliases (`*name`, the "billion laughs" expansion), no
+  duplicate keys, files of at most MAX_FILE_BYTES; every bad value a message quotes is cut to
+  EXCERPT_CHARS characters.
 """
 from __future__ import annotations
 
@@ -53,6 +62,9 @@ DEFAULT_METRIC = "units"
 DEFAULT_PHASE_DAYS = 14
 DEFAULT_BLACKOUT_DAYS = 7
 DEFAULT_DURATION_DAYS = 21
+MAX_PRICE_CHANGE = 0.5
+MAX_FILE_BYTES = 64 * 1024
+EXCERPT_CHARS = 80
 
 
 @dataclass(frozen=True)
@@ -89,13 +101,19 @@ class ExperimentSpec:
         return self.start <= day <= self.end
 
 
+def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
+    """`repr(value)` cut to `limit` characters, so no message ever quotes a huge value."""
+    text = repr(value) if not isinstance(value, str) or len(value) <= limit else repr(value[:limit])
+    return text if len(text) <= limit + 2 else text[:limit] + "...(cut)"
+
+
 class ExperimentFileError(ValueError):
     """A refused experiment file: which file, which field (None for the whole file), and why."""
 
     def __init__(self, file: str, field: str | None, reason: str):
         self.file = str(file)
         self.field = field
-        self.reason = reason
+        self.reason = reason if len(reason) <= 4 * EXCERPT_CHARS else reason[: 4 * EXCERPT_CHARS] + "...(cut)"
         where = f"field '{field}': " if field else ""
         super().__init__(f"{self.file}: {where}{reason}")
 
@@ -107,17 +125,43 @@ class ExperimentFileError(ValueError):
 # Parsing one file
 # ----------------------------------------------------------------------------------------------
 
-class _SafeLoaderDatesAsText(yaml.SafeLoader):
-    """yaml's SafeLoader (no tags that build objects), with timestamps left as text.
+class _StrictSafeLoader(yaml.SafeLoader):
+    """yaml's SafeLoader (no tags that build objects), with timestamps left as text, refusing
+    aliases before anything is expanded and refusing duplicate keys.
 
     PyYAML itself raises a bare ValueError on `2025-02-30`; keeping dates as text lets `_as_date`
-    refuse them naming the field.
+    refuse them naming the field. An alias is refused as the composer meets it, so nested
+    aliases ("billion laughs") never grow in memory.
     """
 
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML alias '*{str(event.anchor)[:EXCERPT_CHARS]}' is not allowed in an experiment file "
+                "(write the value out)", event.start_mark,
+            )
+        return super().compose_node(parent, index)
 
-_SafeLoaderDatesAsText.add_constructor(
-    "tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str
-)
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: SafeLoader refuses it itself
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {excerpt(key)} (each field may appear once)", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictSafeLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+_SafeLoaderDatesAsText = _StrictSafeLoader  # the name earlier code used
 
 
 def _is_number(value) -> bool:
@@ -130,7 +174,7 @@ def _is_int(value) -> bool:
 
 def _as_date(value, file: str, name: str) -> date:
     if isinstance(value, datetime):
-        raise ExperimentFileError(file, name, f"{value} has a time of day; expected a date YYYY-MM-DD")
+        raise ExperimentFileError(file, name, f"{excerpt(str(value))} has a time of day; expected a date YYYY-MM-DD")
     if isinstance(value, date):
         return value
     if isinstance(value, str) and ISO_DATE_PATTERN.fullmatch(value.strip()):
@@ -138,12 +182,12 @@ def _as_date(value, file: str, name: str) -> date:
             return date.fromisoformat(value.strip())
         except ValueError:
             pass
-    raise ExperimentFileError(file, name, f"{value!r} is not a date (expected YYYY-MM-DD)")
+    raise ExperimentFileError(file, name, f"{excerpt(value)} is not a date (expected YYYY-MM-DD)")
 
 
 def _as_days(value, file: str, name: str, minimum: int) -> int:
     if not _is_int(value):
-        raise ExperimentFileError(file, name, f"{value!r} is not a whole number of days")
+        raise ExperimentFileError(file, name, f"{excerpt(value)} is not a whole number of days")
     if value < minimum:
         what = "negative" if value < 0 else f"below {minimum}"
         raise ExperimentFileError(file, name, f"{value} is {what} (must be >= {minimum})")
@@ -161,7 +205,7 @@ def _parse_population(value, file: str) -> dict:
     for key in value:
         if key not in POPULATION_KEYS:
             raise ExperimentFileError(
-                file, f"population.{key}", f"unknown key (known: {', '.join(POPULATION_KEYS)})"
+                file, f"population.{str(key)[:EXCERPT_CHARS]}", f"unknown key (known: {', '.join(POPULATION_KEYS)})"
             )
     for key in POPULATION_KEYS:
         if key not in value:
@@ -175,13 +219,13 @@ def _parse_population(value, file: str) -> dict:
             )
         bad = [n for n in names if not isinstance(n, (str, int)) or isinstance(n, bool)]
         if bad:
-            raise ExperimentFileError(file, f"population.{key}", f"{bad[0]!r} is not a name")
+            raise ExperimentFileError(file, f"population.{key}", f"{excerpt(bad[0])} is not a name")
         population[key] = sorted({str(n) for n in names})
     return population
 
 
 def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
-    unknown = sorted(str(k) for k in raw if k not in FILE_FIELDS)
+    unknown = sorted(str(k)[:EXCERPT_CHARS] for k in raw if k not in FILE_FIELDS)
     if unknown:
         raise ExperimentFileError(file, unknown[0], f"unknown field (known: {', '.join(FILE_FIELDS)})")
     for required in REQUIRED_FIELDS:
@@ -191,7 +235,7 @@ def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
     name = raw["name"]
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise ExperimentFileError(
-            file, "name", f"{name!r} is not a safe name (lowercase letters, digits and '-', "
+            file, "name", f"{excerpt(name)} is not a safe name (lowercase letters, digits and '-', "
             "starting with a letter or digit)"
         )
     if len(name) > NAME_MAX_LENGTH:
@@ -201,10 +245,10 @@ def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
 
     design = raw["design"]
     if design not in DESIGNS:
-        raise ExperimentFileError(file, "design", f"unknown design {design!r} (known: {', '.join(DESIGNS)})")
+        raise ExperimentFileError(file, "design", f"unknown design {excerpt(design)} (known: {', '.join(DESIGNS)})")
     unit = raw.get("unit", DEFAULT_UNIT)
     if unit not in UNITS:
-        raise ExperimentFileError(file, "unit", f"unknown unit {unit!r} (known: {', '.join(UNITS)})")
+        raise ExperimentFileError(file, "unit", f"unknown unit {excerpt(unit)} (known: {', '.join(UNITS)})")
 
     start = _as_date(raw["start"], file, "start")
     end = _as_date(raw["end"], file, "end")
@@ -216,7 +260,7 @@ def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
     treated_fraction = raw.get("treated_fraction", DEFAULT_TREATED_FRACTION)
     if not _is_number(treated_fraction) or not (0 < treated_fraction < 1):
         raise ExperimentFileError(
-            file, "treated_fraction", f"{treated_fraction!r} is not a number strictly between 0 and 1"
+            file, "treated_fraction", f"{excerpt(treated_fraction)} is not a number strictly between 0 and 1"
         )
 
     treatment = raw["treatment"]
@@ -225,25 +269,31 @@ def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
     for key in treatment:
         if key not in TREATMENT_FIELDS:
             raise ExperimentFileError(
-                file, f"treatment.{key}", f"unknown field (known: {', '.join(TREATMENT_FIELDS)})"
+                file, f"treatment.{str(key)[:EXCERPT_CHARS]}", f"unknown field (known: {', '.join(TREATMENT_FIELDS)})"
             )
     if treatment.get("price_change") is None:
         raise ExperimentFileError(file, "treatment.price_change", "missing required field")
     price_change = treatment["price_change"]
     if not _is_number(price_change) or not math.isfinite(price_change):
-        raise ExperimentFileError(file, "treatment.price_change", f"{price_change!r} is not a number")
+        raise ExperimentFileError(file, "treatment.price_change", f"{excerpt(price_change)} is not a number")
     if price_change <= -1:
         raise ExperimentFileError(
             file, "treatment.price_change", f"{price_change} would make the price zero or negative (must be > -1)"
         )
+    if abs(price_change) > MAX_PRICE_CHANGE:
+        raise ExperimentFileError(
+            file, "treatment.price_change",
+            f"{price_change} is a {price_change:+.0%} price change, outside the sane range "
+            f"-{MAX_PRICE_CHANGE}..{MAX_PRICE_CHANGE} (write -0.05 for 5% off)",
+        )
 
     seed = raw["seed"]
     if not _is_int(seed):
-        raise ExperimentFileError(file, "seed", f"{seed!r} is not an integer")
+        raise ExperimentFileError(file, "seed", f"{excerpt(seed)} is not an integer")
 
     metric = raw.get("metric", DEFAULT_METRIC)
     if not isinstance(metric, str) or not METRIC_PATTERN.fullmatch(metric):
-        raise ExperimentFileError(file, "metric", f"{metric!r} is not a column name")
+        raise ExperimentFileError(file, "metric", f"{excerpt(metric)} is not a column name")
 
     phase_days = blackout_days = duration_days = None
     trigger_event = None
@@ -261,7 +311,7 @@ def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
         if trigger_event is None:
             raise ExperimentFileError(file, "trigger_event", "missing: a triggered experiment needs one")
         if not isinstance(trigger_event, str) or not trigger_event.strip():
-            raise ExperimentFileError(file, "trigger_event", f"{trigger_event!r} is not an event name")
+            raise ExperimentFileError(file, "trigger_event", f"{excerpt(trigger_event)} is not an event name")
         duration_days = _as_days(raw.get("duration_days", DEFAULT_DURATION_DAYS), file, "duration_days", 1)
 
     return ExperimentSpec(
@@ -280,14 +330,22 @@ def parse_experiment_file(path) -> ExperimentSpec:
     """
     file = str(path)
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ExperimentFileError(file, None, f"{size} bytes is larger than {MAX_FILE_BYTES} (an experiment file is a few lines)")
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ExperimentFileError(file, None, f"cannot read the file ({exc.__class__.__name__}: {exc})") from exc
+        raise ExperimentFileError(file, None, f"cannot read the file ({exc.__class__.__name__}: {str(exc)[:EXCERPT_CHARS]})") from exc
     try:
-        raw = yaml.load(text, Loader=_SafeLoaderDatesAsText)  # safe_load, dates kept as text
+        raw = yaml.load(text, Loader=_StrictSafeLoader)  # safe, strict, dates kept as text
     except yaml.YAMLError as exc:
-        detail = str(exc).replace("\n", " ")
-        raise ExperimentFileError(file, None, f"invalid YAML ({detail})") from exc
+        problem = getattr(exc, "problem", None) or str(exc)
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        detail = " ".join(str(problem).split())[: 2 * EXCERPT_CHARS]
+        raise ExperimentFileError(file, None, f"invalid YAML{where}: {detail}") from None
+    except RecursionError:
+        raise ExperimentFileError(file, None, "invalid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         kind = "an empty file" if raw is None else f"a {type(raw).__name__}"
         raise ExperimentFileError(file, None, f"expected a mapping of fields, found {kind}")
@@ -332,7 +390,8 @@ EXPERIMENT_FILE_SUFFIXES = (".yaml", ".yml")
 
 
 def experiment_file_paths(directory) -> list[Path]:
-    """The experiment files of `directory` (`*.yaml`, `*.yml`, not hidden), sorted by file name.
+    """The experiment files of `directory` (`*.yaml`, `*.yml` in any case, not hidden), sorted
+    by file name.
 
     The one definition of "an experiment file", shared by `load_experiments` and the sensor that
     watches the directory. A missing directory has no files.
@@ -342,9 +401,23 @@ def experiment_file_paths(directory) -> list[Path]:
         return []
     return sorted(
         (p for p in directory.iterdir()
-         if p.suffix in EXPERIMENT_FILE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
+         if p.suffix.lower() in EXPERIMENT_FILE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
         key=lambda p: p.name,
     )
+
+
+def ignored_experiment_directory_entries(directory) -> list[str]:
+    """One message per visible entry of `directory` that is not an experiment file (so a
+    `plan.yaml.txt` or `exp.json` is said, not silently skipped)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    wanted = set(experiment_file_paths(directory))
+    return [
+        f"{p}: ignored: not an experiment file (only *.yaml / *.yml are read)"
+        for p in sorted(directory.iterdir(), key=lambda p: p.name)
+        if p not in wanted and not p.name.startswith((".", "_"))
+    ]
 
 
 def experiment_file_digests(directory) -> dict[str, str]:
@@ -371,28 +444,102 @@ def compare_digests(before: dict[str, str], after: dict[str, str]) -> dict[str, 
     }
 
 
-def load_experiments(directory, catalog: pd.DataFrame) -> tuple[list[ExperimentSpec], list[ExperimentFileError]]:
-    """Parse every `*.yaml` / `*.yml` in `directory` (sorted by file name) and validate them together.
+@dataclass
+class ExperimentLoad:
+    """What `load_experiment_directory` found: the accepted specs, the refused files, the loud
+    warnings about running experiments kept on their last valid spec, and ignored entries."""
 
-    Returns (accepted specs, refusals). Refused: files that do not parse, populations naming
-    unknown categories/subclasses/products or selecting nothing, a name already used by an earlier
-    file, and an experiment sharing products with an earlier accepted one on overlapping dates
-    (the later file is refused, naming the other experiment). Each refusal is independent.
+    specs: list[ExperimentSpec]
+    refused: list[ExperimentFileError]
+    kept: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def _file_name(source: str) -> str:
+    return Path(source).name
+
+
+def load_experiment_directory(
+    directory, catalog: pd.DataFrame, running: dict[str, ExperimentSpec] | None = None
+) -> ExperimentLoad:
+    """Parse every experiment file of `directory` and validate them together.
+
+    `running` maps the name of each experiment that has an enrolment to its last valid spec (its
+    `source` names the file that owns the name). Refused: files that do not parse, populations
+    naming unknown categories/subclasses/products or selecting nothing, a name owned by another
+    file (a running name belongs to its enrolling file; otherwise to the first file, by file name,
+    that parses with it), and an experiment sharing products with an accepted one on overlapping
+    dates (running experiments are accepted first; then files in file-name order, the later one
+    refused naming the other). A running experiment whose file is refused or gone keeps its last
+    valid spec and gets a warning in `kept`. Each refusal is independent.
     """
-    files = experiment_file_paths(directory)
-    accepted: list[tuple[ExperimentSpec, pd.Index]] = []
+    running = running or {}
+    owner_file = {name: _file_name(spec.source) for name, spec in running.items()}
     refused: list[ExperimentFileError] = []
-    name_owner: dict[str, str] = {}
-    for path in files:
+    file_errors: dict[str, ExperimentFileError] = {}
+    parsed: list[ExperimentSpec] = []
+    present = set()
+    for path in experiment_file_paths(directory):
+        present.add(path.name)
         try:
-            spec = parse_experiment_file(path)
-            # A name belongs to the first file that parses with it, whatever its later checks say,
-            # so fixing an earlier file can never silently take a name over.
-            if spec.name in name_owner:
-                raise ExperimentFileError(
-                    spec.source, "name", f"'{spec.name}' is already used by {name_owner[spec.name]}"
-                )
-            name_owner[spec.name] = spec.source
+            parsed.append(parse_experiment_file(path))
+        except ExperimentFileError as error:
+            refused.append(error)
+            file_errors[path.name] = error
+
+    # Names: a running name belongs to its enrolling file for good; another name to its first file.
+    claimed: dict[str, ExperimentSpec] = {}
+    for spec in parsed:
+        name, file = spec.name, _file_name(spec.source)
+        if name in owner_file and file != owner_file[name]:
+            error = ExperimentFileError(
+                spec.source, "name",
+                f"'{name}' belongs to running experiment file {owner_file[name]} (it has an enrolment); "
+                "a running name stays with its file for good: give this experiment another name",
+            )
+        elif name in claimed:
+            error = ExperimentFileError(spec.source, "name", f"'{name}' is already used by {claimed[name].source}")
+        else:
+            claimed[name] = spec
+            continue
+        refused.append(error)
+        file_errors.setdefault(file, error)
+
+    accepted: list[tuple[ExperimentSpec, pd.Index]] = []
+    kept: list[str] = []
+
+    def products_of(spec: ExperimentSpec) -> pd.Index:
+        try:
+            return population_products(spec, catalog)
+        except ExperimentFileError:  # a kept spec whose names left the catalogue: its enrolment is frozen anyway
+            return pd.Index([], name="product_id")
+
+    # Running experiments first: their file's current spec when it passes, else their last valid one.
+    for name in sorted(running):
+        last = running[name]
+        current = claimed.pop(name, None)
+        if current is not None:
+            try:
+                accepted.append((current, population_products(current, catalog)))
+                continue
+            except ExperimentFileError as error:
+                refused.append(error)
+                file_errors.setdefault(owner_file[name], error)
+        file = owner_file[name]
+        if file in file_errors:
+            why = f"{file} is refused ({file_errors[file].reason})"
+        elif file in present:
+            why = f"{file} no longer names it"
+        else:
+            why = f"its file {file} is gone"
+        kept.append(
+            f"experiment '{name}' is running but {why}; keeping its last valid spec so published days stay "
+            "as they are. Fix the file (or restore it) to change the experiment."
+        )
+        accepted.append((last, products_of(last)))
+
+    for spec in sorted(claimed.values(), key=lambda s: _file_name(s.source)):
+        try:
             products = population_products(spec, catalog)
             for other, other_products in accepted:
                 if spec.start > other.end or other.start > spec.end:
@@ -408,7 +555,40 @@ def load_experiments(directory, catalog: pd.DataFrame) -> tuple[list[ExperimentS
             accepted.append((spec, products))
         except ExperimentFileError as error:
             refused.append(error)
-    return [spec for spec, _ in accepted], refused
+    specs = sorted((spec for spec, _ in accepted), key=lambda s: (_file_name(s.source), s.name))
+    order = {path.name: i for i, path in enumerate(experiment_file_paths(directory))}
+    refused.sort(key=lambda e: order.get(_file_name(e.file), len(order)))
+    return ExperimentLoad(specs, refused, kept, ignored_experiment_directory_entries(directory))
+
+
+def load_experiments(directory, catalog: pd.DataFrame) -> tuple[list[ExperimentSpec], list[ExperimentFileError]]:
+    """`load_experiment_directory` with no running experiment: (accepted specs, refusals)."""
+    loaded = load_experiment_directory(directory, catalog)
+    return loaded.specs, loaded.refused
+
+
+REGISTRY_TABLE = "experiment_registry"
+
+
+def registry_frame(spec: ExperimentSpec) -> pd.DataFrame:
+    """The registry row of an enrolled experiment: its spec, the file that owns its name, and the
+    spec's fingerprint at enrolment (`warehouse/experiment_registry/experiment=<name>/`)."""
+    return specs_to_frame([spec]).assign(file=_file_name(spec.source), fingerprint=spec_fingerprint(spec))
+
+
+def running_specs(registry: pd.DataFrame | None, previous: pd.DataFrame | None) -> dict[str, ExperimentSpec]:
+    """Name -> last valid spec of every enrolled experiment: the previous accepted spec when it
+    still came from the enrolling file, else the spec as enrolled."""
+    if registry is None or registry.empty:
+        return {}
+    enrolled = {s.name: s for s in frame_to_specs(registry[list(SPEC_COLUMNS)])}
+    files = dict(zip(registry["name"], registry["file"]))
+    last = {} if previous is None or previous.empty else {s.name: s for s in frame_to_specs(previous)}
+    out = {}
+    for name, spec in enrolled.items():
+        before = last.get(name)
+        out[name] = before if before is not None and _file_name(before.source) == files[name] else spec
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,10 +4,20 @@ Inputs live under `<data_dir>/input/<name>` as one Parquet or CSV file, or a dir
 (daily drops). A file whose columns break the contract is refused whole, with its name and the
 missing field; a row that breaks it is kept aside with the file, its key and the reason. The rest
 goes on: callers get the good rows plus a table of what was refused and why.
+
+Files are `.parquet`, `.csv` or `.csv.gz` (any letter case); any other visible file in an input
+directory is refused by name, never skipped silently. A file that cannot be read (a corrupt
+Parquet footer) is refused alone. Values must be finite (NaN / Infinity refused), sales may not
+be dated after today + FUTURE_TOLERANCE_DAYS, and a key given twice with different values is
+refused in every copy (which file sorts first must never decide which row wins); exact copies
+keep one row.
 """
 from __future__ import annotations
 
+import gzip
+import os
 from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -39,6 +49,22 @@ REJECTED_SCHEMA = T.StructType(
 )
 
 
+FUTURE_TOLERANCE_DAYS = 1
+MESSAGE_CHARS = 160
+INPUT_SUFFIXES = (".parquet", ".csv", ".csv.gz")
+
+
+def today_utc() -> date:
+    """Today in UTC, or `PRICELAB_TODAY` (YYYY-MM-DD) when set (tests, replays of past days)."""
+    fixed = os.environ.get("PRICELAB_TODAY")
+    return date.fromisoformat(fixed) if fixed else datetime.now(timezone.utc).date()
+
+
+def _input_suffix(path: Path) -> str | None:
+    lower = path.name.lower()
+    return next((s for s in sorted(INPUT_SUFFIXES, key=len, reverse=True) if lower.endswith(s)), None)
+
+
 class InputError(ValueError):
     """An input that cannot be used at all (missing, or no file with the required fields)."""
 
@@ -54,35 +80,71 @@ class LoadedInput:
     raw: DataFrame | None = None
 
 
+def input_listing(data_dir: Path, name: str) -> tuple[list[Path], list[str]]:
+    """The Parquet/CSV files making up input `name` (`<name>.parquet|.csv|.csv.gz` in any case,
+    or a directory of such files), sorted, and one message per other visible file of that
+    directory (refused, never silently skipped). Hidden and `_`-prefixed files are ignored
+    (Spark's `_SUCCESS`, `.crc`)."""
+    root = Path(data_dir) / "input"
+    files: list[Path] = []
+    ignored: list[str] = []
+    if root.is_dir():
+        files.extend(
+            p for p in root.iterdir()
+            if p.is_file() and _input_suffix(p) and p.name[: -len(_input_suffix(p))] == name
+        )
+    directory = root / name
+    if directory.is_dir():
+        for p in sorted(directory.rglob("*")):
+            if not p.is_file() or any(part.startswith((".", "_")) for part in p.relative_to(directory).parts):
+                continue
+            if _input_suffix(p):
+                files.append(p)
+            else:
+                ignored.append(f"{p}: not a data file (only {', '.join(INPUT_SUFFIXES)} are read); ignored")
+    return sorted(files), ignored
+
+
 def input_files(data_dir: Path, name: str) -> list[Path]:
     """The Parquet/CSV files making up input `name` (a file or a directory of files), sorted."""
-    root = Path(data_dir) / "input"
-    candidates = [root / f"{name}.parquet", root / f"{name}.csv", root / name]
-    files: list[Path] = []
-    for path in candidates:
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            files.extend(
-                p
-                for p in sorted(path.rglob("*"))
-                if p.is_file() and p.suffix in (".parquet", ".csv") and not p.name.startswith((".", "_"))
-            )
-    return sorted(files)
+    return input_listing(data_dir, name)[0]
 
 
 def _file_columns(path: Path) -> list[str]:
-    if path.suffix == ".parquet":
-        return list(pq.read_schema(path).names)
-    with open(path, encoding="utf-8") as handle:
+    """The file's column names; raises on a file that cannot be read (e.g. a corrupt footer)."""
+    suffix = _input_suffix(path)
+    if suffix == ".parquet":
+        metadata = pq.read_metadata(path)  # footer and every row group's bounds
+        size = path.stat().st_size
+        for i in range(metadata.num_row_groups):
+            group = metadata.row_group(i)
+            for j in range(group.num_columns):
+                chunk = group.column(j)
+                first = chunk.dictionary_page_offset if chunk.has_dictionary_page and chunk.dictionary_page_offset else chunk.data_page_offset
+                if first < 4 or first + chunk.total_compressed_size > size - 8:
+                    raise ValueError(f"row group {i} column {j} points outside the file (truncated?)")
+        names = list(metadata.schema.to_arrow_schema().names)
+        # decode every page once (streaming, one batch at a time): a file whose pages are
+        # corrupt is refused here, alone, rather than failing the Spark job that reads them all
+        handle = pq.ParquetFile(path)
+        for batch in handle.iter_batches(batch_size=1 << 16):
+            del batch
+        return names
+    opener = gzip.open if suffix == ".csv.gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         header = handle.readline().strip()
     return [c.strip().strip('"') for c in header.split(",")] if header else []
 
 
 def _read_file(spark: SparkSession, path: Path) -> DataFrame:
-    if path.suffix == ".parquet":
+    if _input_suffix(path) == ".parquet":
         return spark.read.parquet(str(path))
     return spark.read.option("header", True).option("inferSchema", False).csv(str(path))
+
+
+def _one_line(exc: Exception) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + "...(cut)"
 
 
 def _cast(df: DataFrame, columns: dict[str, T.DataType]) -> DataFrame:
@@ -106,29 +168,31 @@ def read_input(
     Returns the union of the usable files (None when there is none) and one message per refused
     file. Files are grouped by column set so a daily drop with an extra column still unions.
     """
-    files = input_files(data_dir, name)
+    files, refused = input_listing(data_dir, name)
     if not files:
         if must_exist:
-            raise InputError(f"input '{name}': no file at {Path(data_dir) / 'input' / name}[.parquet|.csv|/]")
-        return None, []
-    refused: list[str] = []
+            raise InputError(
+                f"input '{name}': no file at {Path(data_dir) / 'input' / name}[.parquet|.csv|.csv.gz|/]"
+                + (f" ({'; '.join(refused)[:MESSAGE_CHARS]})" if refused else "")
+            )
+        return None, refused
     frames: list[DataFrame] = []
     wanted = {**required, **(optional or {})}
     for path in files:
         try:
             columns = _file_columns(path)
         except Exception as exc:  # unreadable file: refuse it, keep the others
-            refused.append(f"{path}: cannot be read ({type(exc).__name__}: {exc})")
+            refused.append(f"{path}: cannot be read ({_one_line(exc)})")
             continue
         missing = [c for c in required if c not in columns]
         if missing:
-            refused.append(f"{path}: field(s) {', '.join(repr(m) for m in missing)} missing (has {columns})")
+            refused.append(f"{path}: field(s) {', '.join(repr(m) for m in missing)} missing (has {str(columns)[:MESSAGE_CHARS]})")
             continue
         df = _cast(_read_file(spark, path), wanted).withColumn(SOURCE, F.lit(str(path)))
         frames.append(df)
     if not frames:
         if must_exist:
-            raise InputError(f"input '{name}': every file was refused: " + "; ".join(refused))
+            raise InputError(f"input '{name}': every file was refused: " + "; ".join(refused)[: 2 * MESSAGE_CHARS])
         return None, refused
     rows = frames[0]
     for frame in frames[1:]:
@@ -165,21 +229,40 @@ def _unparsed(column: str) -> Column:
     return F.col(column).isNull() & F.col(f"_raw_{column}").isNotNull()
 
 
-def _duplicates(good: DataFrame, keys: list[str], input_name: str, what: str):
-    """Keep the first row per key (by file, then position); refuse the others naming both."""
+def _duplicates(good: DataFrame, keys: list[str], input_name: str, what: str, values: list[str] | None = None):
+    """One row per key. Exact copies (same `values`) keep one row and refuse the others naming
+    the file kept; copies that disagree are ALL refused, naming the files, so which file sorts
+    first never decides which value wins."""
     from pyspark.sql.window import Window
 
-    order = Window.partitionBy(*keys).orderBy(F.col(SOURCE), F.monotonically_increasing_id())
-    ranked = good.withColumn("_n", F.row_number().over(order)).withColumn("_first_file", F.first(SOURCE).over(order))
-    keep = ranked.where("_n = 1").drop("_n", "_first_file")
-    dup = ranked.where("_n > 1").select(
+    values = [v for v in (values or []) if v in good.columns]
+    by_key = Window.partitionBy(*keys)
+    order = by_key.orderBy(F.col(SOURCE), *[F.col(v) for v in values])
+    signature = F.to_json(F.struct(*[F.col(v) for v in values])) if values else F.lit("")
+    ranked = (
+        good.withColumn("_n", F.row_number().over(order))
+        .withColumn("_first_file", F.first(SOURCE).over(order))
+        .withColumn("_versions", F.size(F.collect_set(signature).over(by_key)))
+        .withColumn("_files", F.array_join(F.array_sort(F.collect_set(SOURCE).over(by_key)), ", "))
+    )
+    keep = ranked.where("_n = 1 AND _versions = 1").drop("_n", "_first_file", "_versions", "_files")
+    reason = F.when(
+        F.col("_versions") > 1,
+        F.concat(F.lit(f"conflicting rows for {what} ("), F.col("_versions").cast("string"),
+                 F.lit(" different values) in "), F.col("_files"), F.lit("; every copy refused")),
+    ).otherwise(F.concat(F.lit(f"duplicate {what} (same values); kept the copy in "), F.col("_first_file")))
+    dup = ranked.where("_n > 1 OR _versions > 1").select(
         F.lit(input_name).alias("input"),
         F.col(SOURCE).alias("file"),
         F.concat_ws("|", *[F.col(k).cast("string") for k in keys]).alias("row_key"),
         F.lit(",".join(keys)).alias("field"),
-        F.concat(F.lit(f"duplicate {what}; first seen in "), F.col("_first_file")).alias("reason"),
+        reason.alias("reason"),
     )
     return keep, dup
+
+
+def _not_finite(column: str) -> Column:
+    return F.isnan(column) | (F.abs(F.col(column)) == F.lit(float("inf")))
 
 
 def load_catalog(spark: SparkSession, data_dir: Path) -> LoadedInput:
@@ -189,29 +272,44 @@ def load_catalog(spark: SparkSession, data_dir: Path) -> LoadedInput:
         (c, F.col(c).isNull() | (F.trim(F.col(c)) == ""), f"{c} is empty") for c in ("product_id", "category", "subclass")
     ]
     good, bad = _reject(rows, rules, F.coalesce(F.col("product_id"), F.lit("<null>")), "catalog")
-    good, dup = _duplicates(good, ["product_id"], "catalog", "product_id")
+    good, dup = _duplicates(good, ["product_id"], "catalog", "product_id", ["category", "subclass"])
     return LoadedInput(_drop_raw(good).drop(SOURCE), bad.unionByName(dup), refused, raw=rows)
 
 
-def load_sales(spark: SparkSession, data_dir: Path, catalog: DataFrame | None = None) -> LoadedInput:
-    """Daily sales: one row per product and day with price > 0 and units >= 0.
+def load_sales(
+    spark: SparkSession, data_dir: Path, catalog: DataFrame | None = None, today: date | None = None
+) -> LoadedInput:
+    """Daily sales: one row per product and day with finite price > 0 and units >= 0, dated no
+    later than `today` (default `today_utc()`) + FUTURE_TOLERANCE_DAYS.
 
     A missing day stays missing (no data, not zero sales). Rows for products absent from the
     catalogue are refused when a catalogue is given.
     """
+    latest = (today or today_utc()) + timedelta(days=FUTURE_TOLERANCE_DAYS)
     rows, refused = read_input(spark, data_dir, "sales", SALES_COLUMNS, SALES_OPTIONAL)
     key = F.concat_ws("|", F.coalesce(F.col("product_id"), F.lit("<null>")), F.coalesce(F.col("_raw_date"), F.lit("<null>")))
     rules = [
         ("product_id", F.col("product_id").isNull() | (F.trim(F.col("product_id")) == ""), "product_id is empty"),
         ("date", _unparsed("date"), "date is not a date"),
         ("date", F.col("date").isNull(), "date is empty"),
+        ("date", F.col("date") > F.lit(latest),
+         f"date is in the future (after {latest}: today + {FUTURE_TOLERANCE_DAYS} day)"),
         ("price", _unparsed("price"), "price is not a number"),
-        ("price", F.col("price").isNull() | F.isnan("price") | (F.col("price") <= 0), "price must be > 0"),
+        ("price", _not_finite("price"), "price is not finite (NaN or Infinity)"),
+        ("price", F.col("price").isNull() | (F.col("price") <= 0), "price must be > 0"),
         ("units", _unparsed("units"), "units is not a number"),
-        ("units", F.col("units").isNull() | F.isnan("units") | (F.col("units") < 0), "units must be >= 0"),
+        ("units", _not_finite("units"), "units is not finite (NaN or Infinity)"),
+        ("units", F.col("units").isNull() | (F.col("units") < 0), "units must be >= 0"),
     ]
+    for optional in SALES_OPTIONAL:
+        if optional in rows.columns:
+            rules += [
+                (optional, _unparsed(optional), f"{optional} is not a number"),
+                (optional, F.col(optional).isNotNull() & _not_finite(optional), f"{optional} is not finite (NaN or Infinity)"),
+            ]
     good, bad = _reject(rows, rules, key, "sales")
-    good, dup = _duplicates(good, ["product_id", "date"], "sales", "(product_id, date)")
+    good, dup = _duplicates(good, ["product_id", "date"], "sales", "(product_id, date)",
+                            ["price", "units", *SALES_OPTIONAL])
     bad = bad.unionByName(dup)
     if catalog is not None:
         known = catalog.select("product_id").withColumn("_known", F.lit(True))
@@ -254,6 +352,16 @@ def load_related_pairs(spark: SparkSession, data_dir: Path) -> DataFrame | None:
     if rows is None:
         return None
     return rows.select(*RELATED_PAIRS_COLUMNS).dropna().dropDuplicates()
+
+
+def last_complete_sales_day(sales: DataFrame, share: float = 0.5) -> date | None:
+    """The latest day whose number of products sold is at least `share` of the median day's, so
+    one stray row (a late or mistyped date) never decides a snapshot date. None when empty."""
+    per_day = sales.groupBy("date").agg(F.countDistinct("product_id").alias("n")).toPandas()
+    if per_day.empty:
+        return None
+    threshold = share * float(per_day["n"].median())
+    return max(per_day.loc[per_day["n"] >= threshold, "date"])
 
 
 def rejection_summary(rejected: DataFrame, examples: int = 5) -> tuple[dict[str, int], list[dict]]:

@@ -96,7 +96,14 @@ def report_markdown(
     """The report as Markdown: the table, exposure conditions behind the spillover estimate,
     what the substitution graph could see (`graph.power_summary` of the latest snapshot),
     experiments that could not be estimated, and why."""
-    lines = [f"# pricelab experiment report (sales up to {as_of})", "", format_table(table), ""]
+    if as_of is None or (not isinstance(as_of, str) and pd.isna(as_of)) or table.empty:
+        # nothing estimated: say so plainly, never "sales up to None" over an empty table
+        lines = ["# pricelab experiment report: no experiment estimated yet", ""]
+        if not problems:
+            lines += ["No accepted experiment has published days with sales to analyse: check the "
+                      "`experiments` asset's refused files and the `daily_assignments` runs.", ""]
+    else:
+        lines = [f"# pricelab experiment report (sales up to {as_of})", "", format_table(table), ""]
     if exposure is not None and not exposure.empty:
         wide = exposure.pivot_table(index="experiment", columns="condition", values="products", aggfunc="sum", fill_value=0)
         lines += [

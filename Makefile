@@ -11,7 +11,7 @@ export GX_ANALYTICS_ENABLED := False
 export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup java demo test test-fast ui lock clean-data validate
+.PHONY: setup java demo test test-fast ui lock clean-data validate bench-setup
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ setup: $(VENV)/.installed java $(DAGSTER_HOME)/dagster.yaml
 
 demo: setup
 	PRICELAB_DEMO=1 $(PY) -m jobs.demo
+
+# the benchmark's peer estimators (pyproject's optional group `bench`), into the same venv
+bench-setup: setup
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -c requirements.lock -e ".[bench]"
 
 test: setup
 	$(PY) -m pytest -q

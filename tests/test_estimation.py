@@ -51,10 +51,11 @@ def test_first_differences_recover_a_planted_effect(spark, design):
     ).toPandas()
     assert len(fd) == 40 and fd["n_pre_days"].min() == PRE_DAYS and fd["n_window_days"].max() == WINDOW_DAYS
     twin = estimation.first_differences_pandas(sales, assignments, {"e": design})  # the pandas path agrees
-    pd.testing.assert_frame_equal(
-        twin.sort_values("product_id").reset_index(drop=True), fd.sort_values("product_id").reset_index(drop=True),
-        check_dtype=False,
-    )
+    twin, fd = (frame.sort_values("product_id").reset_index(drop=True) for frame in (twin, fd))
+    arrays = [c for c in fd.columns if c.startswith("candidate_")]
+    pd.testing.assert_frame_equal(twin.drop(columns=arrays), fd.drop(columns=arrays), check_dtype=False)
+    for column in arrays:
+        np.testing.assert_allclose(np.array(twin[column].tolist(), float), np.array(fd[column].tolist(), float))
     model = estimation.DiDEstimator(n_bootstrap=500, random_state=0).fit(fd)
     assert model.ci_[0] <= 4.0 <= model.ci_[1], (model.effect_, model.ci_)
     assert abs(model.effect_ - 4.0) < 3 * model.se_
@@ -264,3 +265,116 @@ def test_hpte_on_the_simulator_covers_the_direct_effect():
     carry = hpte[hpte["design"] == "random_days"]
     assert (carry["effect"] < carry["true_direct"]).all()  # carryover into control days shrinks the effect
     assert (carry["carryover_control"] > 0.1).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Precision against a CUPED reference, carryover, counterfactual choice (issue 18)
+# ------------------------------------------------------------------------------------------------
+
+from pipelines import simulation  # noqa: E402
+
+REGIME_NAMES = tuple(getattr(simulation, "REGIMES", {"default": None}))
+# measured on these seeds (see test docstring); the ceilings sit a little above
+SE_RATIO_CEILING = {"time_bound": 0.90, "random_days": 0.95}
+
+
+def _cuped_reference(window: pd.DataFrame, pre: pd.DataFrame, design: str) -> float:
+    """SE of a plain CUPED estimate (numpy): per product the window mean (switchback: treated-day
+    minus control-day mean), adjusted on its 8-week pre-period mean with one pooled theta."""
+    pre_mean = pre.groupby("product_id")["units"].mean()
+    if design == "random_days":
+        means = window.groupby(["product_id", "arm"])["units"].mean().unstack().dropna()
+        y = (means["treatment"] - means["control"]).to_numpy()
+        x = pre_mean.reindex(means.index).to_numpy()
+        theta = np.cov(y, x)[0, 1] / np.var(x, ddof=1)
+        adjusted = y - theta * (x - x.mean())
+        return float(adjusted.std(ddof=1) / np.sqrt(len(adjusted)))
+    per = window.groupby("product_id").agg(y=("units", "mean"), arm=("arm", "first"))
+    x = pre_mean.reindex(per.index).to_numpy()
+    y = per["y"].to_numpy()
+    theta = np.cov(y, x)[0, 1] / np.var(x, ddof=1)
+    adjusted = y - theta * (x - x.mean())
+    treated = (per["arm"] == "treatment").to_numpy()
+    return float(np.sqrt(adjusted[treated].var(ddof=1) / treated.sum() + adjusted[~treated].var(ddof=1) / (~treated).sum()))
+
+
+@pytest.mark.parametrize("regime", REGIME_NAMES)
+def test_hpte_se_beats_a_cuped_reference_on_small_worlds(regime):
+    """Small seeded worlds of each simulator regime, no carryover: HPTE's bootstrap SE against a
+    CUPED reference computed here (numpy), for a between design and a switchback design. The
+    ceilings are a little above the ratios measured on these seeds; HPTE must also hold the truth."""
+    bench = _benchmark_module()
+    ratios = {"time_bound": [], "random_days": []}
+    for seed in (1, 2):
+        config = bench.market_config(regime, n_products=600, n_subclasses=12, seed=700 + seed, carryover_decay=0.0)
+        world = simulation.simulate_market(config)
+        specs = [s for s in bench.experiment_specs(config, seed, -0.08, 6) if s.name in ("time-bound", "random-days")]
+        triggers = simulation.simulate_trigger_events(world, config.history_start, specs[0].end)
+        assignments = pd.concat([bench.pandas_assignments(s, world.catalog, triggers) for s in specs], ignore_index=True)
+        sales = simulation.simulate_sales(world, assignments, config.history_start, specs[0].end)
+        truth = simulation.true_effects(world, assignments).set_index("experiment")["true_direct_effect"]
+        fds = estimation.first_differences_pandas(sales, assignments, {s.name: s.design for s in specs},
+                                                  catalog=world.catalog, events=triggers)
+        for spec in specs:
+            window, pre = bench.peers.experiment_frames(spec, assignments, sales, triggers)
+            reference = _cuped_reference(window, pre, spec.design)
+            model = estimation.HPTEEstimator(n_bootstrap=300, n_estimators=16, random_state=seed).fit(
+                fds[fds["experiment"] == spec.name], world.catalog)
+            ratios[spec.design].append(model.se_ / reference)
+            assert abs(model.effect_ - truth[spec.name]) < 4 * model.se_, (spec.name, model.effect_, truth[spec.name])
+            assert model.variance_reduction_ > 0
+    for design, values in ratios.items():
+        print(regime, design, np.round(values, 3))
+        assert np.mean(values) <= SE_RATIO_CEILING[design], (regime, design, values)
+
+
+def test_carryover_check_finds_planted_carryover_and_not_its_absence():
+    """Random days on the synthetic panel: control days after a treated day carry 40% of the effect."""
+    flags = {}
+    for carry in (0.0, 0.4):
+        rng = np.random.default_rng(11)
+        days = [START - dt.timedelta(days=PRE_DAYS) + dt.timedelta(days=i) for i in range(PRE_DAYS + WINDOW_DAYS)]
+        sales, assignments = [], []
+        for p in range(120):
+            level = rng.uniform(10, 30)
+            previous = False
+            for d in days:
+                in_window = d >= START
+                treated = in_window and rng.random() < 0.5
+                mean = level + (4.0 if treated else (carry * 4.0 if previous else 0.0))
+                sales.append((f"P{p:03d}", d, 10.0, max(0.0, mean + rng.normal(0, 2))))
+                if in_window:
+                    arm = "treatment" if treated else "control"
+                    assignments.append((d, "e", f"P{p:03d}", f"P{p:03d}", arm, False, -0.1 if treated else 0.0))
+                previous = treated
+        sales = pd.DataFrame(sales, columns=["product_id", "date", "price", "units"])
+        assignments = pd.DataFrame(assignments, columns=["date", "experiment", "product_id", "unit_id", "arm", "blackout", "price_change"])
+        fd = estimation.first_differences_pandas(sales, assignments, {"e": "random_days"})
+        check = estimation.carryover_check(fd)
+        flags[carry] = check["carryover_flag"]
+        if carry:
+            assert abs(check["carryover_estimate"] - 1.6) < 3 * check["carryover_se"], check
+            assert check["carryover_bias"] < 0
+    assert flags == {0.0: False, 0.4: True}
+
+
+def test_counterfactual_back_test_picks_the_recent_level_under_a_drift():
+    """Products whose level random-walks: the back-test prefers a recent level to a year-long fit,
+    the choice is per pool, and the chosen candidate's first difference is the one used."""
+    rng = np.random.default_rng(5)
+    days = pd.date_range(START - dt.timedelta(days=PRE_DAYS), periods=PRE_DAYS + WINDOW_DAYS)
+    sales, assignments = [], []
+    for p in range(30):
+        level = 20 + np.cumsum(rng.normal(0, 0.8, len(days)))
+        for d, lv in zip(days, level):
+            sales.append((f"P{p:02d}", d, 10.0, max(0.0, lv + rng.normal(0, 1))))
+            if d >= pd.Timestamp(START):
+                assignments.append((d, "e", f"P{p:02d}", f"P{p:02d}", "treatment" if p % 2 else "control", False, 0.0))
+    sales = pd.DataFrame(sales, columns=["product_id", "date", "price", "units"])
+    assignments = pd.DataFrame(assignments, columns=["date", "experiment", "product_id", "unit_id", "arm", "blackout", "price_change"])
+    catalog = pd.DataFrame({"product_id": [f"P{p:02d}" for p in range(30)], "subclass": ["a"] * 15 + ["b"] * 15})
+    fd = estimation.first_differences_pandas(sales, assignments, {"e": "time_bound"}, catalog=catalog)
+    assert fd.groupby("pool")["counterfactual"].nunique().eq(1).all()
+    assert fd["counterfactual"].str.startswith("level_").all(), fd["counterfactual"].value_counts()
+    k = estimation.COUNTERFACTUALS.index(fd["counterfactual"].iloc[0])
+    assert np.allclose(fd["first_difference"], np.array(fd["candidate_fd"].tolist())[:, k])

@@ -16,6 +16,7 @@ Product i, day t (t = days since `history_start`), expected units per day lambda
                     + D_it                                         own treatment, with carryover
                     + trigger_log_effect * [competitor_discount active for i on t]
                     + L_i * [t >= level-shift start of i]
+                    + x_it                                         AR(1) drift (0 by default)
 
 - r_it is the regular price (base price with rare permanent random-walk steps), p0_it the
   untreated shelf price (r_it, or r_it * (1 - discount) during a promotion), p_it the actual
@@ -29,7 +30,9 @@ Product i, day t (t = days since `history_start`), expected units per day lambda
   several treatment rows on one product-day add their log(1 + price_change).
 - Observed units = Poisson(lambda_it * exp(eps_it)), eps from N(0, shock_sd) with probability
   1 - shock_tail_share and N(0, shock_tail_sd) otherwise, shifted so E[exp(eps)] = 1: lambda_it
-  is exactly the expected number of units. The units draw is an exact inverse-CDF draw from one
+  is exactly the expected number of units. With `demand_noise='gamma'` the multiplier is
+  G ~ Gamma(gamma_shape, 1/gamma_shape) instead (negative binomial units, Var = mu + mu^2/shape)
+  times a rare exp(N(0, shock_tail_sd)) spike. The units draw is an exact inverse-CDF draw from one
   uniform per product-day, so runs that differ only in treatment share their random numbers
   (units move monotonically with lambda, product-day by product-day).
 - Randomness is keyed by (seed, date, stream): `np.random.default_rng([seed, ordinal, stream])`
@@ -40,7 +43,10 @@ Product i, day t (t = days since `history_start`), expected units per day lambda
 Observation (history and experiment period alike): a share `missing_share` of product-days has
 no row (no data, not zero sales), and a share `late_entry_share` of products has no rows before
 its entry date (within the history year). `views` = units + Poisson(lambda * exp(eps) *
-(1/conversion_i - 1)); `revenue` = price * units.
+(1/conversion_i - 1)) unless `observe_views` is False; `revenue` = price * units.
+
+Regimes (`REGIMES`, `regime_config`): the default market, a weak-substitution drifting market
+without views, and a market without substitutes; see the comment above `REGIMES`.
 
 True effects (`true_effects`)
 -----------------------------
@@ -91,6 +97,7 @@ _TRIGGER_STREAM = 2
 _DEMAND_STREAM = 3
 _OBSERVE_STREAM = 4
 _VIEWS_STREAM = 5
+_DRIFT_STREAM = 6
 
 _BRAND_TIERS = ("value", "standard", "premium")
 TRIGGER_EVENT = "competitor_discount"
@@ -128,6 +135,9 @@ class MarketConfig:
     group_cross_elasticity_range: tuple[float, float] = (0.3, 0.8)
     weak_edge_prob: float = 0.02
     weak_cross_elasticity_range: tuple[float, float] = (0.05, 0.15)
+    # None: no cap; else each product's cross elasticities add up to at most this x |own| (a pair
+    # is scaled by the smaller of its two products' factors, so the graph stays symmetric)
+    cross_elasticity_cap: float | None = None
     # price process
     price_steps_per_year: float = 3.0
     price_step_sd: float = 0.05
@@ -145,9 +155,18 @@ class MarketConfig:
     shock_tail_sd: float = 1.0
     level_shift_share: float = 0.01
     level_shift_log: float = 0.5
+    # demand noise: 'lognormal' (Poisson of lambda * exp(eps), eps normal with a heavy tail) or
+    # 'gamma' (negative binomial: Poisson of lambda * G, G ~ Gamma(shape, 1/shape), so
+    # Var = mu + mu^2 / gamma_shape, times a rare exp(N(0, shock_tail_sd)) spike)
+    demand_noise: str = "lognormal"
+    gamma_shape: float = 6.0
+    # AR(1) drift of log demand per product: x_t = persistence * x_{t-1} + N(0, drift_sd)
+    drift_persistence: float = 0.0
+    drift_sd: float = 0.0
     # observation
     missing_share: float = 0.02
     late_entry_share: float = 0.03
+    observe_views: bool = True  # False: sales carry price and units only (no `views` column)
 
     def __post_init__(self) -> None:
         if self.n_products < 1:
@@ -166,6 +185,15 @@ class MarketConfig:
             raise ValueError(
                 f"MarketConfig.group_size_range must be (min>=2, max>=min): {self.group_size_range}"
             )
+        if self.demand_noise not in ("lognormal", "gamma"):
+            raise ValueError(f"MarketConfig.demand_noise must be 'lognormal' or 'gamma', got {self.demand_noise!r}")
+        if not 0 <= self.drift_persistence < 1 or self.drift_sd < 0:
+            raise ValueError(
+                f"MarketConfig.drift_persistence must be in [0, 1) and drift_sd >= 0, got "
+                f"{self.drift_persistence}, {self.drift_sd}"
+            )
+        if self.cross_elasticity_cap is not None and self.cross_elasticity_cap < 0:
+            raise ValueError(f"MarketConfig.cross_elasticity_cap must be >= 0 or None, got {self.cross_elasticity_cap}")
 
     @property
     def history_end(self) -> date:
@@ -384,6 +412,11 @@ def simulate_market(config: MarketConfig = MarketConfig()) -> MarketWorld:
     )
 
     group, src, dst, cross = _true_substitution_graph(rng(6), sub_idx, n_sub, cfg)
+    if cfg.cross_elasticity_cap is not None and len(cross):
+        total = np.bincount(src, weights=cross, minlength=n) + np.bincount(dst, weights=cross, minlength=n)
+        budget = cfg.cross_elasticity_cap * np.abs(elasticity)
+        factor = np.where(total > budget, budget / np.where(total > 0, total, 1.0), 1.0)
+        cross = cross * np.minimum(factor[src], factor[dst])
     products = pd.DataFrame(
         {
             "product_id": product_id,
@@ -503,9 +536,15 @@ def _market_days(world: MarketWorld, last_day: date) -> Iterator[_MarketDay]:
     promo_left = np.zeros(n, dtype=np.int64)
     promo_factor = np.ones(n)
     trigger_left = np.zeros(n, dtype=np.int64)
+    drift = np.zeros(n)
+    if cfg.drift_sd > 0:  # starts from its stationary distribution
+        stationary_sd = cfg.drift_sd / math.sqrt(1.0 - cfg.drift_persistence**2)
+        drift = np.random.default_rng([cfg.seed, _WORLD_DAY, 7]).normal(0.0, stationary_sd, n)
     for offset in range((last_day - cfg.history_start).days + 1):
         day = cfg.history_start + timedelta(days=offset)
         ordinal = day.toordinal()
+        if cfg.drift_sd > 0 and offset > 0:
+            drift = cfg.drift_persistence * drift + _day_rng(cfg.seed, day, _DRIFT_STREAM).normal(0.0, cfg.drift_sd, n)
         r = _day_rng(cfg.seed, day, _PRICE_STREAM)
         step = r.random(n) < step_prob
         step_size = r.normal(0.0, cfg.price_step_sd, n)
@@ -536,6 +575,7 @@ def _market_days(world: MarketWorld, last_day: date) -> Iterator[_MarketDay]:
             + world.cross_elasticity @ log_promo
             + cfg.trigger_log_effect * trigger_on
             + np.where(ordinal >= arr.level_shift_start, arr.level_shift, 0.0)
+            + drift
         )
         yield _MarketDay(day, offset, regular, shelf, trigger_started, log_base)
 
@@ -675,27 +715,33 @@ def _observed_sales_rows(world: MarketWorld, sd: _SimulatedDay) -> dict[str, np.
     z = r.standard_normal(n)
     tail = r.random(n) < cfg.shock_tail_share
     u_units = r.random(n)
-    mean_correction = math.log(
-        (1 - cfg.shock_tail_share) * math.exp(cfg.shock_sd**2 / 2)
-        + cfg.shock_tail_share * math.exp(cfg.shock_tail_sd**2 / 2)
-    )
-    eps = np.where(tail, cfg.shock_tail_sd, cfg.shock_sd) * z - mean_correction
-    shocked = sd.expected_units * np.exp(eps)
+    if cfg.demand_noise == "gamma":  # negative binomial with a rare multiplicative spike
+        spike_correction = math.log(1 - cfg.shock_tail_share + cfg.shock_tail_share * math.exp(cfg.shock_tail_sd**2 / 2))
+        gamma = r.gamma(cfg.gamma_shape, 1.0 / cfg.gamma_shape, n)
+        shocked = sd.expected_units * gamma * np.exp(np.where(tail, cfg.shock_tail_sd * z, 0.0) - spike_correction)
+    else:
+        mean_correction = math.log(
+            (1 - cfg.shock_tail_share) * math.exp(cfg.shock_sd**2 / 2)
+            + cfg.shock_tail_share * math.exp(cfg.shock_tail_sd**2 / 2)
+        )
+        eps = np.where(tail, cfg.shock_tail_sd, cfg.shock_sd) * z - mean_correction
+        shocked = sd.expected_units * np.exp(eps)
     units = _poisson_quantile(u_units, shocked)
-    # views: plain Poisson draws from their own stream (not coupled across runs, unlike units)
-    browsers = _day_rng(cfg.seed, day, _VIEWS_STREAM).poisson(shocked * (1.0 / arr.conversion - 1.0))
-    views = units + browsers
     r = _day_rng(cfg.seed, day, _OBSERVE_STREAM)
     observed = (r.random(n) >= cfg.missing_share) & (day.toordinal() >= arr.entry)
     idx = np.flatnonzero(observed)
-    return {
+    rows = {
         "product_id": world.product_ids[idx],
         "date": np.full(len(idx), day, dtype=object),
         "price": sd.price[idx],
         "units": units[idx],
-        "views": views[idx],
-        "revenue": sd.price[idx] * units[idx],
     }
+    if cfg.observe_views:
+        # views: plain Poisson draws from their own stream (not coupled across runs, unlike units)
+        browsers = _day_rng(cfg.seed, day, _VIEWS_STREAM).poisson(shocked * (1.0 / arr.conversion - 1.0))
+        rows["views"] = (units + browsers)[idx]
+    rows["revenue"] = sd.price[idx] * units[idx]
+    return rows
 
 
 def _concat_rows(parts: list[dict[str, np.ndarray]], columns: list[str]) -> pd.DataFrame:
@@ -707,7 +753,9 @@ def _concat_rows(parts: list[dict[str, np.ndarray]], columns: list[str]) -> pd.D
     return pd.DataFrame(data, copy=False)
 
 
-_SALES_COLUMNS = ["product_id", "date", "price", "units", "views", "revenue"]
+def _sales_columns(config: MarketConfig) -> list[str]:
+    views = ["views"] if config.observe_views else []
+    return ["product_id", "date", "price", "units", *views, "revenue"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,7 +774,7 @@ def simulate_sales(
     """
     _check_dates(world, start, end, "simulate_sales")
     parts = [_observed_sales_rows(world, sd) for sd in _simulated_days(world, assignments, start, end)]
-    return _concat_rows(parts, _SALES_COLUMNS)
+    return _concat_rows(parts, _sales_columns(world.config))
 
 
 def simulate_trigger_events(world: MarketWorld, start: date, end: date) -> pd.DataFrame:
@@ -755,7 +803,7 @@ def simulate_history(world: MarketWorld) -> tuple[pd.DataFrame, pd.DataFrame]:
     for sd in _simulated_days(world, None, cfg.history_start, cfg.history_end):
         sales.append(_observed_sales_rows(world, sd))
         triggers.append(_trigger_rows(world, sd.market))
-    return _concat_rows(sales, _SALES_COLUMNS), _concat_rows(triggers, ["product_id", "date", "event"])
+    return _concat_rows(sales, _sales_columns(cfg)), _concat_rows(triggers, ["product_id", "date", "event"])
 
 
 def expected_sales(
@@ -947,6 +995,48 @@ def demo_experiments(config: MarketConfig = MarketConfig()) -> dict[str, str]:
         text += yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
         files[f"{name}.yaml"] = text
     return files
+
+
+# Simulator regimes: every statistical benchmark and test runs in each of them. Each one is
+# written to break an estimator, not to flatter it.
+# - default: today's market; strong substitutes in groups of 3-8, views observed, lognormal noise.
+# - weak: weak, realistic substitution (groups of 2-6, 1-4 substitutes each, cross elasticities
+#   adding up to at most 0.4 x |own|, mostly 0.1-0.5 a pair), units only (no views),
+#   negative-binomial noise (Var = mu + mu^2/6) with 1% spikes, AR(1) demand drift (0.98), about
+#   one promotion every 40 days, ~20 units a day.
+# - no_substitutes: the weak market without any cross effect (clustering must cost nothing).
+# Carryover is a separate knob (`carryover_decay`): pass it as an override.
+_WEAK_MARKET = dict(
+    n_products=800,
+    n_subclasses=32,
+    baseline_units_median=17.0,
+    baseline_units_sd=0.5,
+    group_size_range=(2, 6),
+    group_edge_prob=0.7,
+    group_cross_elasticity_range=(0.1, 0.5),
+    weak_edge_prob=0.004,
+    weak_cross_elasticity_range=(0.05, 0.2),
+    cross_elasticity_cap=0.4,
+    promos_per_year_range=(7.0, 11.0),
+    demand_noise="gamma",
+    gamma_shape=6.0,
+    shock_tail_share=0.01,
+    drift_persistence=0.98,
+    drift_sd=0.03,
+    observe_views=False,
+)
+REGIMES: dict[str, MarketConfig] = {
+    "default": MarketConfig(),
+    "weak": MarketConfig(**_WEAK_MARKET),
+    "no_substitutes": MarketConfig(**{**_WEAK_MARKET, "group_edge_prob": 0.0, "weak_edge_prob": 0.0}),
+}
+
+
+def regime_config(name: str, **overrides) -> MarketConfig:
+    """The MarketConfig of regime `name` (see REGIMES) with `overrides` (any MarketConfig field)."""
+    if name not in REGIMES:
+        raise ValueError(f"unknown simulator regime {name!r}; known: {sorted(REGIMES)}")
+    return dataclasses.replace(REGIMES[name], **overrides)
 
 
 # The embedded demo market: defaults, with mild carryover (a treated day leaves 10% of its effect

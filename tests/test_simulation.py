@@ -321,3 +321,29 @@ def test_write_demo_inputs_and_cli(tmp_path, capsys):
     assert sim.main(["generate", "--data-dir", str(cli_dir)]) == 0
     assert "already exists" in capsys.readouterr().out
     assert (cli_dir / "input" / "catalog.parquet").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("name", sorted(sim.REGIMES))
+def test_regimes_have_the_market_they_promise(name):
+    """Each regime's world has the substitution, noise and columns its comment states."""
+    config = sim.regime_config(name, n_products=200, n_subclasses=8, history_days=120, seed=5)
+    world = sim.simulate_market(config)
+    sales, _ = sim.simulate_history(world)
+    assert ("views" in sales.columns) == config.observe_views
+    if name == "no_substitutes":
+        assert world.true_edges.empty
+        return
+    assert len(world.true_edges) > 50
+    if config.cross_elasticity_cap is not None:
+        total = np.asarray(world.cross_elasticity.sum(axis=1)).ravel()
+        own = np.abs(world.products["elasticity"].to_numpy())
+        assert (total <= config.cross_elasticity_cap * own + 1e-9).all()
+    if config.demand_noise == "gamma":  # overdispersed beyond Poisson: Var > mean on average
+        per_product = sales.groupby("product_id")["units"].agg(["mean", "var"])
+        assert (per_product["var"] > per_product["mean"]).mean() > 0.9
+
+
+def test_regime_config_refuses_unknown_names_and_applies_overrides():
+    assert sim.regime_config("weak", carryover_decay=0.0).carryover_decay == 0.0
+    with pytest.raises(ValueError, match="unknown simulator regime 'strong'"):
+        sim.regime_config("strong")

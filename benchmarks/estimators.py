@@ -210,12 +210,15 @@ def replicate(job: tuple[int, dict]) -> list[dict]:
     expected = simulation.expected_sales(world, assignments, specs[0].start, end)
     expected["date"] = pd.to_datetime(expected["date"])
     started = time.time()
+    wanted = [s for label, s in zip((d[0] for d in DESIGNS), specs) if not opts.get("designs") or label in opts["designs"]]
     fds = estimation.first_differences_pandas(
-        sales, assignments, {s.name: s.design for s in specs}, catalog=world.catalog, events=triggers
+        sales, assignments, {s.name: s.design for s in wanted}, catalog=world.catalog, events=triggers
     )
-    fd_seconds = (time.time() - started) / len(specs)
+    fd_seconds = (time.time() - started) / len(wanted)
     rows = []
     for label, spec in zip((d[0] for d in DESIGNS), specs):
+        if opts.get("designs") and label not in opts["designs"]:
+            continue
         fd = fds[fds["experiment"] == spec.name]
         rows_of = assignments[(assignments["experiment"] == spec.name) & ~assignments["blackout"]]
         control_days = rows_of[rows_of["arm"] == "control"].assign(date=lambda f: pd.to_datetime(f["date"]))
@@ -333,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="carryover decay per day in the simulated worlds (0 = none)")
     parser.add_argument("--regime", default="default",
                         help="simulator regime(s), comma-separated (simulation.REGIMES: default, weak, no_substitutes)")
+    parser.add_argument("--designs", default="", help="comma list of design labels to run (default: all)")
     parser.add_argument("--peers", default="all", help="'all' (those installed: make bench-setup), 'none', or a comma list")
     parser.add_argument("--timing", default="", help="comma list of product counts to time HPTE on (B = --bootstrap), e.g. 10000,100000")
     parser.add_argument("--skip-assignment-check", action="store_true")
@@ -355,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     jobs = [(seed, {"products": args.products, "subclasses": args.subclasses, "weeks": args.weeks,
                     "price_change": args.price_change, "bootstrap": args.bootstrap, "trees": args.trees,
-                    "trim_k": args.trim_k, "carryover": args.carryover, "regime": regime, "peers": chosen_peers})
+                    "trim_k": args.trim_k, "carryover": args.carryover, "regime": regime, "peers": chosen_peers,
+                    "designs": [d.strip() for d in args.designs.split(",") if d.strip()]})
             for regime in regimes for seed in range(args.replications)]
     results = run_replications(replicate, jobs, args.workers, started, args.out)
     table = summarise(results)

@@ -56,6 +56,7 @@ FIRST_DIFFERENCE_SCHEMA = T.StructType(
         # regression-adjustment covariates and design details
         T.StructField("recent_mean", T.DoubleType()),
         T.StructField("placebo", T.DoubleType()),
+        T.StructField("recent_gap", T.DoubleType()),
         T.StructField("sequence", T.StringType()),
         T.StructField("carryover_difference", T.DoubleType()),
         T.StructField("after_treated_share", T.DoubleType()),
@@ -66,10 +67,14 @@ FIRST_DIFFERENCE_SCHEMA = T.StructType(
 # Counterfactual candidates, in this order in the candidate_* arrays. "trend+seasonality" is the
 # history rule of `CounterfactualSettings` (own yearly model, or pooled shape, or own trend/level
 # with weekday); "pooled" is the pool's shape for every product; "level_Kw" the mean of the last
-# K weeks; "level_4w+weekday" that level with the product's weekday pattern.
-COUNTERFACTUALS = ("trend+seasonality", "pooled", "level_2w", "level_4w", "level_8w", "level_4w+weekday")
+# K weeks; "level_4w+weekday" that level with the product's weekday pattern; "blend" the mean of
+# the history rule's and level_4w+weekday's predictions. The pooled shape competes only for products
+# whose history is too short for their own yearly model: it is fitted on the whole pre-period of the
+# pool, so for the others its back-test would have seen the stretches it predicts.
+COUNTERFACTUALS = ("trend+seasonality", "pooled", "level_2w", "level_4w", "level_8w", "level_4w+weekday", "blend")
+BLENDED = ("trend+seasonality", "level_4w+weekday")  # "blend" is the mean of these two predictions
 # covariates of the regression adjustment (CUPED-style), when present in the first differences
-ADJUSTMENT_COVARIATES = ("pre_mean", "recent_mean", "placebo")
+ADJUSTMENT_COVARIATES = ("pre_mean", "recent_mean", "placebo", "recent_gap")
 
 
 @dataclass(frozen=True)
@@ -199,16 +204,18 @@ class _Candidates:
         scale = float(shape_fit @ fit_y / max(float(shape_fit @ shape_fit), 1e-12))
         return scale * (_profile_matrix(target_days) @ self.pool_coef), scale * self.pool_coef[1]
 
-    def seasonal_shape(self, pre_days, pre_y, origin) -> None:
-        """Freeze the own yearly model's weekday and yearly shape on the whole pre-period: back-test
-        fits on shorter stretches then refit only level and trend (a yearly harmonic is not
-        identified from a few months), so the candidate is judged as it is used."""
+    def seasonal_shape(self, days, y, origin) -> None:
+        """Fix the own yearly model's weekday and yearly shape from `days` (for a back-test window:
+        the pre-period without that window, before and after it): the back-test's shorter fits then
+        refit only level and trend on the days before the window (a yearly harmonic is not
+        identified from a few months), so the candidate is judged as it is used, and the window
+        it predicts never enters its fit."""
         self.shape = None
         if self.family == "trend+weekly+yearly":
-            index = (pre_days - origin).astype(np.int64).astype(float)
-            design = _design_matrix(index, pre_days, True, True)
-            if len(pre_y) >= 2 * design.shape[1]:
-                self.shape = np.linalg.lstsq(design, pre_y, rcond=None)[0][2:]
+            index = (days - origin).astype(np.int64).astype(float)
+            design = _design_matrix(index, days, True, True)
+            if len(y) >= 2 * design.shape[1]:
+                self.shape = np.linalg.lstsq(design, y, rcond=None)[0][2:]
 
     def _own_yearly(self, fit_days, fit_y, target_days, origin):
         if getattr(self, "shape", None) is None:
@@ -352,11 +359,21 @@ def product_first_difference(
     control_days = window_role == 0
     after_treated_share = float((known_previous & previous_treated & control_days).sum() / max(control_days.sum(), 1))
     candidates = _Candidates(family, pool_coef, settings)
+    backtest_shapes = []
+    for j in range(1, settings.backtest_windows + 1):
+        start = origin - j * span
+        outside = (pre_days < start) | (pre_days >= start + span)
+        candidates.seasonal_shape(pre_days[outside], adj_pre[outside], origin)
+        backtest_shapes.append(candidates.shape)
     candidates.seasonal_shape(pre_days, adj_pre, origin)
+    window_shape = candidates.shape
     n_candidates = len(COUNTERFACTUALS)
-    fd, error, placebo, carry = (np.full(n_candidates, np.nan) for _ in range(4))
+    fd, carry = np.full(n_candidates, np.nan), np.full(n_candidates, np.nan)
+    backtest = np.full((n_candidates, settings.backtest_windows), np.nan)  # placebo first difference per window
     rule_prediction, rule_trend = None, 0.0
     for k, name in enumerate(COUNTERFACTUALS):
+        if name == "blend" or (name == "pooled" and family == "trend+weekly+yearly"):
+            continue  # the blend is formed below; see COUNTERFACTUALS for the pooled shape
         predicted, trend = candidates.predict(name, pre_days, adj_pre, window_days, origin)
         if predicted is None:
             continue
@@ -366,23 +383,26 @@ def product_first_difference(
             rule_prediction, rule_trend = predicted, trend
         if switchback:
             carry[k] = _carryover_difference(residual, window_role, known_previous, previous_treated)
-        squares = []
         for j in range(1, settings.backtest_windows + 1):
             start = origin - j * span
             fit, target = pre_days < start, (pre_days >= start) & (pre_days < start + span)
             if not target.any():
                 continue
             role = role_by_offset[(pre_days[target] - start).astype(np.int64)]
+            candidates.shape = backtest_shapes[j - 1]
             predicted_bt, _ = candidates.predict(name, pre_days[fit], adj_pre[fit], pre_days[target], start)
+            candidates.shape = window_shape
             if predicted_bt is None:
                 continue
-            value = _window_statistic(adj_pre[target] - predicted_bt, role, switchback)
-            if np.isfinite(value):
-                squares.append(value * value)
-                if j == 1:
-                    placebo[k] = value
-        if squares:
-            error[k] = float(np.mean(squares))
+            backtest[k, j - 1] = _window_statistic(adj_pre[target] - predicted_bt, role, switchback)
+    # the blend: the mean of the history rule's and the recent level's predictions (their errors
+    # are far from perfectly correlated); every statistic is linear in the prediction
+    blend, parts = COUNTERFACTUALS.index("blend"), [COUNTERFACTUALS.index(n) for n in BLENDED]
+    fd[blend], carry[blend] = fd[parts].mean(), carry[parts].mean()
+    backtest[blend] = backtest[parts].mean(axis=0)
+    placebo = backtest[:, 0].copy()
+    finite = np.isfinite(backtest)
+    error = np.where(finite.any(axis=1), np.nansum(np.where(finite, backtest ** 2, 0.0), axis=1) / np.maximum(finite.sum(axis=1), 1), np.nan)
     if rule_prediction is None or not np.isfinite(fd[0]):
         return _empty_first_difference()
     first_window = panel.loc[used].iloc[0]
@@ -418,6 +438,7 @@ def product_first_difference(
                 "candidate_carryover": carry.tolist(),
                 "recent_mean": float(adj_pre[recent].mean()),
                 "placebo": float(placebo[0]),
+                "recent_gap": np.nan,
                 "sequence": sequence,
                 "carryover_difference": float(carry[0]),
                 "after_treated_share": after_treated_share if switchback else np.nan,
@@ -432,7 +453,8 @@ def choose_counterfactual(first_differences: pd.DataFrame) -> pd.DataFrame:
 
     A product for which the chosen candidate cannot be fitted keeps the history rule
     ("trend+seasonality"); so does its back-test error in the comparison. The chosen candidate's
-    first difference, placebo and carryover difference replace the rule's; `counterfactual` names it.
+    first difference, placebo and carryover difference replace the rule's; `counterfactual` names it;
+    `recent_gap` (a covariate) is the chosen first difference minus the 4-week level's.
     """
     if first_differences.empty:
         return first_differences
@@ -449,8 +471,11 @@ def choose_counterfactual(first_differences: pd.DataFrame) -> pd.DataFrame:
         best = int(np.nanargmin(mean_error)) if np.isfinite(mean_error).any() else 0
         take = np.where(usable[:, best], best, 0)
         pick = lambda column: np.array(rows[column].tolist(), dtype=float)[np.arange(len(rows)), take]  # noqa: E731
+        chosen_fd = pick("candidate_fd")
+        recent = fd[:, COUNTERFACTUALS.index("level_4w")]
         out.append(rows.assign(
-            first_difference=pick("candidate_fd"), placebo=pick("candidate_placebo"),
+            first_difference=chosen_fd, placebo=pick("candidate_placebo"),
+            recent_gap=np.where(np.isfinite(recent), chosen_fd - recent, 0.0),
             carryover_difference=pick("candidate_carryover"), backtest_error=error[np.arange(len(rows)), take],
             counterfactual=np.where(take == best, COUNTERFACTUALS[best], COUNTERFACTUALS[0]),
         ))
@@ -656,31 +681,32 @@ def comparison_groups(fd: pd.DataFrame) -> np.ndarray:
     return fd["arm"].to_numpy(dtype=object)
 
 
-def _robust_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """OLS slopes of y on x (with intercept), refitted once without residuals beyond 3.5 robust sd:
-    a level shift or a spike must not set the adjustment for every product."""
+def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """OLS slopes of y on x (with intercept): the least-squares slopes are the ones that minimise
+    the variance of the adjusted mean (a robust fit would serve the core and let the tails grow)."""
     design = np.column_stack([np.ones(len(y)), x])
-    coef = np.linalg.lstsq(design, y, rcond=None)[0]
-    residual = y - design @ coef
-    scale = 1.4826 * np.median(np.abs(residual - np.median(residual)))
-    if scale > 0:
-        keep = np.abs(residual) <= 3.5 * scale
-        if keep.sum() > design.shape[1] + 2:
-            coef = np.linalg.lstsq(design[keep], y[keep], rcond=None)[0]
-    return coef[1:]
+    return np.linalg.lstsq(design, y, rcond=None)[0][1:]
 
 
 def regression_adjustment(fd: pd.DataFrame, groups: np.ndarray, n_folds: int, rng: np.random.Generator,
-                          covariates=ADJUSTMENT_COVARIATES) -> tuple[np.ndarray, float, list[str]]:
-    """CUPED-style adjusted first differences, cross-fitted: (values, variance reduction, covariates used).
+                          covariates=ADJUSTMENT_COVARIATES, pooled: bool = True) -> tuple[np.ndarray, float, list[str]]:
+    """CUPED-style adjusted first differences: (values, variance reduction, covariates used).
 
-    Within each comparison group (arm, or crossover sequence), units are dealt to `n_folds`
-    folds; a fold's products get y - (x - mean(x)) @ theta with theta fitted (`_robust_fit`) on
-    the group's other folds, mean(x) over all products of the experiment. Covariates are
+    Every product gets y - (x - mean(x)) @ theta, mean(x) over all products of the experiment.
+    `pooled` (the default): one theta for all arms, fitted (`_slopes`) on deviations from each
+    comparison group's means (arm, or crossover sequence), so no difference between groups
+    enters it; with randomised groups this is the classical regression adjustment, unbiased to
+    first order. Otherwise theta is fitted per group (Lin's interacted regression). With
+    `n_folds` > 1 it is cross-fitted: units are dealt to folds within each group and a fold's
+    products get the slopes fitted on the other folds. In the simulator's markets the pooled
+    in-sample fit gave the smallest errors (per-arm and cross-fitted slopes from ~100 products
+    with lognormal levels were noisy enough to add error, most of all in crossovers, whose two
+    sequences see a period effect with opposite signs). Covariates are
     pre-period figures (`ADJUSTMENT_COVARIATES`: pre-period mean, last-4-weeks mean, the
-    placebo first difference of the stretch just before the window), so they cannot carry the
-    treatment, and theta per arm (Lin's interacted regression) also absorbs effect
-    heterogeneity along them. The variance reduction is 1 - var(adjusted) / var(raw) within groups.
+    placebo first difference of the stretch just before the window, and the gap between the
+    chosen counterfactual's prediction and the 4-week level's, which lets the regression blend
+    the two), so they cannot carry the
+    treatment. The variance reduction is 1 - var(adjusted) / var(raw) within groups.
     """
     y = fd["first_difference"].to_numpy(float)
     columns = [c for c in covariates if c in fd.columns]
@@ -699,13 +725,19 @@ def regression_adjustment(fd: pd.DataFrame, groups: np.ndarray, n_folds: int, rn
     units = fd["unit_id"].astype(str).to_numpy()
     folds = _unit_folds(units, groups, n_folds, rng)
     adjusted = y.copy()
-    for group in np.unique(groups):
-        in_group = groups == group
-        for fold in range(n_folds):
-            apply_to, fit_on = in_group & (folds == fold), in_group & (folds != fold)
+    if pooled:  # one slope for all arms, fitted on within-group deviations (no group difference enters)
+        y_within, x_within = y.copy(), x.copy()
+        for group in np.unique(groups):
+            in_group = groups == group
+            y_within[in_group] -= y[in_group].mean()
+            x_within[in_group] -= x[in_group].mean(axis=0)
+    for fold in range(n_folds):
+        for group in [None] if pooled else np.unique(groups):
+            in_group = np.ones(len(y), bool) if group is None else groups == group
+            apply_to, fit_on = in_group & (folds == fold), in_group & ((folds != fold) if n_folds > 1 else True)
             if not apply_to.any() or fit_on.sum() < 3 * (len(columns) + 1):
                 continue
-            theta = _robust_fit(x[fit_on], y[fit_on])
+            theta = _slopes(x_within[fit_on], y_within[fit_on]) if pooled else _slopes(x[fit_on], y[fit_on])
             adjusted[apply_to] = y[apply_to] - (x[apply_to] - centre) @ theta
     within = lambda v: float(sum(((v[groups == g] - v[groups == g].mean()) ** 2).sum() for g in np.unique(groups)))  # noqa: E731
     raw = within(y)
@@ -765,14 +797,14 @@ class DiDEstimator:
     Between-product designs: mean first difference of treated products minus control products.
     Switchback designs: mean within-product (treated - control) first difference; a crossover
     averages its two sequences with equal weight (`comparison_groups`). With `adjust`, the first
-    differences are first regression-adjusted on pre-period covariates, cross-fitted over
-    `adjust_folds` folds of units (`regression_adjustment`); `variance_reduction_` says what it
+    differences are first regression-adjusted on pre-period covariates, pooled over arms (cross-fitted over
+    `adjust_folds` folds of units when > 1: `regression_adjustment`); `variance_reduction_` says what it
     bought. Standard errors come from resampling randomisation units (products or clusters) with
     replacement, within arm (sequence) for between (crossover) designs, `n_bootstrap` times.
     """
 
     def __init__(self, n_bootstrap: int = 1000, alpha: float = 0.05, random_state: int = 0, adjust: bool = True,
-                 adjust_folds: int = 5):
+                 adjust_folds: int = 1):
         self.n_bootstrap = n_bootstrap
         self.alpha = alpha
         self.random_state = random_state
@@ -820,10 +852,16 @@ _LEAF_STRIDE = 1 << 32  # global leaf id = (fold * n_estimators + tree) * stride
 MAX_ONE_HOT_LEVELS = 20  # a categorical attribute keeps its most frequent levels, the rest is 'other'
 
 
-def trim_outliers(first_differences: pd.DataFrame, k: float, groups: np.ndarray | None = None) -> np.ndarray:
-    """Keep-mask of the outlier filter: per arm, drop the floor(q * n_arm) lowest and highest
-    standardised first differences, with tail share q = k / N (N = products of the experiment,
-    q <= 0.25).
+def trim_outliers(first_differences: pd.DataFrame, k: float, groups: np.ndarray | None = None,
+                  outlier_sd: float = 4.0) -> np.ndarray:
+    """Keep-mask of the outlier filter: per arm (crossover: sequence), drop at most the
+    floor(q * n_arm) lowest and highest standardised first differences, with tail share
+    q = k / N (N = products of the experiment, q <= 0.25), and of those only the ones further
+    than `outlier_sd` robust sd (1.4826 MAD) from the arm's median (None: no such guard).
+
+    The guard keeps the filter to outliers: an effect that differs between products makes the
+    tails unequal, and cutting a fixed count from each tail of a skewed distribution moves its
+    mean (in the simulator the plain k/N cut biased random days by about half an SE).
 
     A first difference is standardised by its product's pre-period sd (`pre_sd`; 1 when absent
     or zero), so an outlier is a swing extreme for that product (a level shift, a broken
@@ -848,8 +886,12 @@ def trim_outliers(first_differences: pd.DataFrame, k: float, groups: np.ndarray 
         if n_cut == 0:
             continue
         order = rows[np.argsort(values[rows], kind="stable")]
-        keep[order[:n_cut]] = False
-        keep[order[-n_cut:]] = False
+        cut = np.concatenate([order[:n_cut], order[-n_cut:]])
+        if outlier_sd is not None:
+            centre = np.median(values[rows])
+            spread = 1.4826 * np.median(np.abs(values[rows] - centre))
+            cut = cut[np.abs(values[cut] - centre) > outlier_sd * spread]
+        keep[cut] = False
     return keep
 
 
@@ -948,11 +990,12 @@ class HPTEEstimator:
     fit(first_differences, features): one experiment's rows of `first_differences` (step 1) and,
     optionally, catalogue attributes by product_id.
     - Regression adjustment (`adjust`, `regression_adjustment`): each first difference is adjusted
-      on pre-period covariates with slopes fitted on the other `adjust_folds` folds of units of
-      its arm (sequence), before anything else, so the forest's leaves and the filter see
-      adjusted values and no product's own outcome sets its adjustment; `variance_reduction_`.
+      on pre-period covariates, before anything else, so the forest's leaves and the filter see
+      adjusted values; the slopes are pooled over arms (valid under randomisation: fitted on
+      deviations from the arm means, no arm difference enters them), or cross-fitted over
+      `adjust_folds` folds of units when > 1; `variance_reduction_`.
     - Outlier filter (`trim_outliers`): tail share `trim_k` / N per tail, within arm (crossover:
-      within sequence).
+      within sequence), of values beyond `trim_sd` robust sd from the arm's median.
     - Second difference within causal-forest leaves, cross-fitted: units are dealt to `n_folds`
       folds (within arm); for each fold an honest `econml.grf.CausalForest` is grown on the other
       folds (features: `product_features`; between designs T = arm, y = first difference;
@@ -987,8 +1030,10 @@ class HPTEEstimator:
         alpha: float = 0.05,
         random_state: int = 0,
         adjust: bool = True,
-        adjust_folds: int = 5,
+        adjust_folds: int = 1,
+        trim_sd: float | None = 4.0,
     ):
+        self.trim_sd = trim_sd
         self.adjust = adjust
         self.adjust_folds = adjust_folds
         self.n_bootstrap = n_bootstrap
@@ -1051,7 +1096,7 @@ class HPTEEstimator:
             fd = fd.assign(raw_first_difference=fd["first_difference"], first_difference=adjusted)
         else:
             self.variance_reduction_, self.covariates_ = 0.0, []
-        keep = trim_outliers(fd, self.trim_k, groups)
+        keep = trim_outliers(fd, self.trim_k, groups, self.trim_sd)
         self.n_trimmed_ = int((~keep).sum())
         self.trimmed_products_ = fd.loc[~keep, "product_id"].tolist()
         fd, groups = fd[keep].reset_index(drop=True), groups[keep]

@@ -152,12 +152,14 @@ def test_trim_outliers_cuts_k_over_n_per_tail_within_each_arm():
     fd, _ = _between_fd(0, n_products=200)
     fd.loc[0, "first_difference"] = 1e6  # planted outliers
     fd.loc[1, "first_difference"] = -1e6
-    keep = estimation.trim_outliers(fd, k=2.0)  # q = 2/200 = 1% of each arm's 100 -> 1 per tail
-    assert (~keep).sum() == 4 and not keep[0] and not keep[1]
+    plain = estimation.trim_outliers(fd, k=2.0, outlier_sd=None)  # q = 2/200 = 1% of each arm's 100 -> 1 per tail
+    assert (~plain).sum() == 4 and not plain[0] and not plain[1]
     for arm in ("treatment", "control"):
-        dropped = fd[~keep & (fd["arm"] == arm)]["first_difference"]
-        kept = fd[keep & (fd["arm"] == arm)]["first_difference"]
+        dropped = fd[~plain & (fd["arm"] == arm)]["first_difference"]
+        kept = fd[plain & (fd["arm"] == arm)]["first_difference"]
         assert dropped.min() < kept.min() and dropped.max() > kept.max()
+    guarded = estimation.trim_outliers(fd, k=2.0)  # only the planted ones are > 4 robust sd out
+    assert (~guarded).sum() == 2 and not guarded[0] and not guarded[1]
     assert estimation.trim_outliers(fd, k=0).all()
 
 
@@ -165,7 +167,7 @@ def test_hpte_recovers_the_average_and_finds_who_responds_more():
     fd, catalog = _between_fd(1, n_products=400)
     model = estimation.HPTEEstimator(n_bootstrap=300, n_estimators=48, random_state=0).fit(fd, catalog)
     assert model is not None and model.ci_[0] <= 2.0 <= model.ci_[1], (model.effect_, model.ci_)
-    assert model.n_trimmed_ == 4 and model.n_products_ == 396
+    assert model.n_trimmed_ == int((~estimation.trim_outliers(fd, 2.0)).sum()) and model.n_products_ == 400 - model.n_trimmed_
     het = model.heterogeneity_.set_index(["attribute", "group"])
     assert het.loc[("tier", "b"), "effect"] > het.loc[("tier", "a"), "effect"] + 0.5
     assert model.heterogeneity_["attribute"].iloc[0] == "tier"  # the most important attribute first
@@ -206,7 +208,7 @@ def test_hpte_switchback_is_the_trimmed_mean_of_within_product_differences():
     fd["unit_id"] = fd["product_id"]
     model = estimation.HPTEEstimator(n_bootstrap=200, n_estimators=16, trim_k=2.0).fit(fd)
     kept = fd[estimation.trim_outliers(fd, 2.0)]["first_difference"]
-    assert model.effect_ == pytest.approx(kept.mean()) and model.n_trimmed_ == 4
+    assert model.effect_ == pytest.approx(kept.mean()) and model.n_trimmed_ == 100 - len(kept)
     assert model.n_leaves_skipped_ == 0
 
 
@@ -261,7 +263,6 @@ def test_hpte_on_the_simulator_covers_the_direct_effect():
     # measured on these seeds: 17 of 18 intervals hold the truth, mean z = -0.24
     assert clean["covered"].sum() >= len(clean) - 2, clean
     assert abs(clean["z"].mean()) < 0.5, clean["z"].mean()
-    assert (clean["n_trimmed"] > 0).all()
     carry = hpte[hpte["design"] == "random_days"]
     assert (carry["effect"] < carry["true_direct"]).all()  # carryover into control days shrinks the effect
     assert (carry["carryover_control"] > 0.1).all()

@@ -1,5 +1,6 @@
 # pricelab: `make demo` runs the main job on the embedded simulated market; `make test` runs the
-# tests. Both set up everything first (a virtual environment from the pinned lock, Java 17).
+# tests. Both set up everything first (a virtual environment from the pinned lock, Java 17, the
+# pinned JVM jars).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ export GX_ANALYTICS_ENABLED := False
 export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup java demo test test-fast ui lock clean-data validate bench-setup
+.PHONY: setup java maven demo test test-fast ui lock clean-data validate bench-setup
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,10 +27,31 @@ java:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; \
 	fi
 
+maven:
+	@if ! command -v mvn >/dev/null; then \
+		echo "Maven not found: installing maven"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq maven; \
+	fi
+
+# The JVM jars pinned in jvm/pom.xml (GraphFrames) and their runtime dependencies, copied into
+# ./jars once; the Spark session puts ./jars/*.jar on its classpath, so runs need no network.
+# When the registry does not serve them, setup still succeeds: jars/UNAVAILABLE says why, the
+# clustering falls back to plain Spark (and logs it), and the next setup tries again.
+jars/.fetched: jvm/pom.xml | java maven
+	@rm -rf jars && mkdir -p jars
+	@if mvn -q -B -f jvm/pom.xml dependency:copy-dependencies -DincludeScope=runtime \
+			-DoutputDirectory=$(CURDIR)/jars >jars/fetch.log 2>&1; then \
+		touch $@; echo "fetched the JVM jars of jvm/pom.xml into jars/: $$(cd jars && ls *.jar | tr '\n' ' ')"; \
+	else \
+		missing=$$(grep -m1 -oE '[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+:jar:[A-Za-z0-9_.-]+' jars/fetch.log); \
+		echo "the Maven registry did not serve $${missing:-the pinned artifacts} (see jars/fetch.log)" >jars/UNAVAILABLE; \
+		echo "WARNING: the JVM jars of jvm/pom.xml not fetched: $$(cat jars/UNAVAILABLE); connected components will use the plain Spark fallback"; \
+	fi
+
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	@mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $@
 
-setup: $(VENV)/.installed java $(DAGSTER_HOME)/dagster.yaml
+setup: $(VENV)/.installed java jars/.fetched $(DAGSTER_HOME)/dagster.yaml
 
 demo: setup
 	PRICELAB_DEMO=1 $(PY) -m jobs.demo

@@ -8,7 +8,7 @@ import base64
 import dagster as dg
 from pyspark.sql import functions as F
 
-from pipelines import clustering
+from pipelines import clustering, graph
 
 MAX_CLUSTER_SIZE = 40
 EVERY_PRODUCT_ONE_CLUSTER = "every_product_in_one_cluster"
@@ -33,15 +33,22 @@ def product_clusters(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         raise dg.Failure("product_clusters: no substitution_graph snapshot has been built yet")
     partition = ("snapshot_date", snapshots[-1])
     edges = warehouse.read(spark, "substitution_graph", partition)
-    products = warehouse.read(spark, "catalog").select("product_id")
+    catalog = warehouse.read(spark, "catalog")
+    products = catalog.select("product_id")
     reused = warehouse.exists("product_clusters", partition)
     if reused:
         context.log.info(f"clusters for snapshot {snapshots[-1]} exist and are never rewritten; reusing them")
     else:
-        clusters = clustering.cluster_products(edges, products, max_cluster_size=MAX_CLUSTER_SIZE)
+        blocks = warehouse.read(spark, graph.BLOCKS_TABLE, partition).toPandas() if warehouse.exists(graph.BLOCKS_TABLE, partition) else None
+        clusters = clustering.cluster_products(
+            edges, catalog, max_cluster_size=MAX_CLUSTER_SIZE, blocks=blocks,
+            checkpoint_dir=str(warehouse.root / "checkpoints"),
+        )
         warehouse.write(clusters, "product_clusters", partition)
     clusters = warehouse.read(spark, "product_clusters", partition)
     metrics = clustering.cluster_metrics(edges, clusters)
+    for line in clustering.design_warnings(metrics):
+        context.log.warning(line)
     picture = clustering.largest_clusters_png(edges, clusters)
     picture_path = warehouse.write_file(f"plots/clusters_{snapshots[-1]}.png", picture)
 

@@ -8,7 +8,7 @@ from pyspark.sql import functions as F
 
 from assets.inputs import load_checked_sales, sales_check_specs
 from assets.mode import demo_mode
-from pipelines import estimation, spillover
+from pipelines import estimation, graph, spillover
 from pipelines import experiments as experiment_files
 
 PRE_DAYS = estimation.CounterfactualSettings().pre_days
@@ -84,6 +84,7 @@ def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.D
     snapshots = warehouse.partitions("substitution_graph", "snapshot_date")
     between = [s.name for s in experiment_files.frame_to_specs(specs) if s.design in spillover.DRAWN_ONCE_DESIGNS]
     published_all = warehouse.read(spark, "daily_assignments").where(F.col("experiment").isin(between)).toPandas()
+    catalog = warehouse.read(spark, "catalog").select("product_id", "subclass").toPandas()
     rows, notes = [], {}
     for spec in experiment_files.frame_to_specs(specs):
         if spec.name not in set(results["experiment"]):
@@ -95,7 +96,10 @@ def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.D
         if not in_force or not warehouse.exists("enrolments", ("experiment", spec.name)):
             notes[spec.name] = "not estimated: no graph snapshot or enrolment in force at its start"
             continue
-        edges = warehouse.read(spark, "substitution_graph", ("snapshot_date", in_force[-1])).toPandas()
+        snapshot = ("snapshot_date", in_force[-1])
+        edges = warehouse.read(spark, "substitution_graph", snapshot).toPandas()
+        blocks = warehouse.read(spark, graph.BLOCKS_TABLE, snapshot).toPandas() if warehouse.exists(graph.BLOCKS_TABLE, snapshot) else None
+        edges = spillover.exposure_edges(edges, blocks, catalog)
         units = warehouse.read(spark, "enrolments", ("experiment", spec.name)).drop("experiment").toPandas()
         published = published_all[published_all["experiment"] == spec.name]
         try:

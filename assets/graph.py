@@ -31,22 +31,34 @@ def resolve_snapshot_date(config: SnapshotConfig, sales) -> dt.date:
 
 @dg.asset(group_name="graph", deps=["sales", "catalog"], required_resource_keys={"spark", "warehouse"})
 def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig) -> dg.MaterializeResult:
-    """Edges (src, dst, weight, corr, n_days) between substitutes, one dated snapshot per build."""
+    """Edges (src, dst, weight, corr, n_days, evidence) between substitutes, and the evidence and
+    power of each block (`substitution_blocks`), one dated snapshot per build."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     sales = warehouse.read(spark, "sales")
     snapshot = resolve_snapshot_date(config, sales)
     partition = ("snapshot_date", snapshot.isoformat())
-    if warehouse.exists("substitution_graph", partition):
+    reused = warehouse.exists("substitution_graph", partition) and warehouse.exists(graph.BLOCKS_TABLE, partition)
+    if reused:
         context.log.info(f"snapshot {snapshot} exists and is never rewritten; reusing it")
-        edges, reused = warehouse.read(spark, "substitution_graph", partition), True
     else:
         catalog = warehouse.read(spark, "catalog")
         related = inputs.load_related_pairs(spark, warehouse.root)
         context.log.info(f"building the substitution graph for snapshot {snapshot} (365 days of history)")
-        built = graph.build_substitution_graph(sales, catalog, snapshot, related_pairs=related)
-        warehouse.write(built, "substitution_graph", partition)
-        edges, reused = warehouse.read(spark, "substitution_graph", partition), False
-    summary = graph.graph_summary(edges)
+        learned = graph.learn_substitution(sales, catalog, snapshot, related_pairs=related)
+        warehouse.write(spark.createDataFrame(learned.blocks), graph.BLOCKS_TABLE, partition)
+        warehouse.write(learned.edges, "substitution_graph", partition)
+    edges = warehouse.read(spark, "substitution_graph", partition)
+    blocks = warehouse.read(spark, graph.BLOCKS_TABLE, partition).toPandas()
+    power = graph.power_summary(blocks)
+    for line in power["warnings"]:
+        context.log.warning(line)
     return dg.MaterializeResult(
-        metadata={"snapshot_date": snapshot.isoformat(), "reused_snapshot": reused, **summary}
+        metadata={
+            "snapshot_date": snapshot.isoformat(),
+            "reused_snapshot": reused,
+            **graph.graph_summary(edges),
+            **{k: v for k, v in power.items() if k not in ("warnings", "table")},
+            "power_by_block": dg.MetadataValue.md(power["table"]),
+            "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in power["warnings"]) or "none"),
+        }
     )

@@ -5,7 +5,7 @@ import base64
 import dagster as dg
 
 from assets.mode import demo_mode
-from pipelines import report
+from pipelines import graph, report
 
 
 @dg.asset(
@@ -28,7 +28,12 @@ def experiment_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     if picture:
         warehouse.write_file("report/effects.png", picture)
     exposure = warehouse.read(spark, "spillover_exposure").toPandas() if warehouse.exists("spillover_exposure") else None
-    path = warehouse.write_file("report/report.md", report.report_markdown(table, problems, as_of, exposure))
+    snapshots = warehouse.partitions(graph.BLOCKS_TABLE, "snapshot_date")
+    graph_power = None
+    if snapshots:
+        blocks = warehouse.read(spark, graph.BLOCKS_TABLE, ("snapshot_date", snapshots[-1])).toPandas()
+        graph_power = {**graph.power_summary(blocks), "snapshot_date": snapshots[-1]}
+    path = warehouse.write_file("report/report.md", report.report_markdown(table, problems, as_of, exposure, graph_power))
     context.log.info("experiment results:\n" + report.format_table(table))
     metadata = {"report": dg.MetadataValue.path(str(path)), "table": dg.MetadataValue.md(report.format_table(table))}
     if picture:

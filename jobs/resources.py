@@ -1,22 +1,31 @@
 """Resources: the one SparkSession and the warehouse directory, chosen from the environment."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 from pyspark.sql import SparkSession
 
-from pipelines.spark import get_spark
+from pipelines.spark import get_spark, jar_files
 from pipelines.storage import Warehouse
+
+
+# Where `make setup` copies the JVM jars pinned in jvm/pom.xml (GraphFrames).
+PROJECT_JARS_DIR = Path(__file__).resolve().parents[1] / "jars"
 
 
 class SparkResource(dg.ConfigurableResource):
     """The process's SparkSession. Empty fields fall back to PRICELAB_SPARK_MASTER /
-    PRICELAB_SPARK_REMOTE, then to an embedded `local[*]` session."""
+    PRICELAB_SPARK_REMOTE, then to an embedded `local[*]` session; `jars_dir` (default: the
+    project's ./jars) holds the jars put on its classpath."""
 
     master: str = ""
     remote: str = ""
+    jars_dir: str = ""
 
     def session(self) -> SparkSession:
-        return get_spark(master=self.master or None, remote=self.remote or None)
+        jars = jar_files(self.jars_dir or PROJECT_JARS_DIR)
+        return get_spark(master=self.master or None, remote=self.remote or None, jars=jars)
 
 
 class WarehouseResource(dg.ConfigurableResource):

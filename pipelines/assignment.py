@@ -92,11 +92,14 @@ def enrolment_units(spec: ExperimentSpec, catalog: DataFrame, clusters: DataFram
     snapshot in force at the experiment's start); only a cluster's in-population products are
     enrolled, together as one unit, with the subclass most of them share as stratum (ties: the
     smallest). A product the snapshot does not know is its own unit ('product:<id>').
+    A subclass that holds a single cluster (a block randomised whole) cannot be balanced on its
+    own, so such units share one stratum per category, 'pooled:<category>'.
     """
     products = (
         catalog.where(_population_filter(spec))
         .select(F.col("product_id").cast("string").alias("product_id"),
-                F.col("subclass").cast("string").alias("subclass"))
+                F.col("subclass").cast("string").alias("subclass"),
+                F.col("category").cast("string").alias("category"))
     )
     if spec.unit == "product":
         return products.select("product_id", F.col("product_id").alias("unit_id"),
@@ -113,12 +116,16 @@ def enrolment_units(spec: ExperimentSpec, catalog: DataFrame, clusters: DataFram
     )
     by_share = Window.partitionBy("unit_id").orderBy(F.desc("n_products"), F.asc("subclass"))
     strata = (
-        enrolled.groupBy("unit_id", "subclass").agg(F.count("*").alias("n_products"))
+        enrolled.groupBy("unit_id", "subclass").agg(F.count("*").alias("n_products"), F.min("category").alias("category"))
         .withColumn("rank", F.row_number().over(by_share))
         .where(F.col("rank") == 1)
-        .select("unit_id", F.col("subclass").alias("stratum"))
+        .select("unit_id", F.col("subclass").alias("stratum"), "category")
     )
-    return enrolled.join(strata, "unit_id").select(*UNITS_COLUMNS)
+    units_in_stratum = F.count(F.lit(1)).over(Window.partitionBy("stratum"))
+    strata = strata.withColumn(
+        "stratum", F.when(units_in_stratum == 1, F.concat(F.lit("pooled:"), F.col("category"))).otherwise(F.col("stratum"))
+    ).drop("category")
+    return enrolled.drop("category").join(strata, "unit_id").select(*UNITS_COLUMNS)
 
 
 # ----------------------------------------------------------------------------------------------

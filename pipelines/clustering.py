@@ -2,7 +2,8 @@
 
 1. Connected components of the whole graph, on Spark: GraphFrames' `connectedComponents` when its
    JVM jar is on the classpath, otherwise a plain-DataFrame min-label propagation. Both return the
-   same partition with the same label (the smallest product_id of the component).
+   same partition with the same label (the smallest product_id of the component); which one ran,
+   and why, is logged.
 2. Inside each component, igraph's Leiden (modularity, edge weights, `resolution`, fixed seed) on
    the executors, one `applyInPandas` group per component.
 3. A cluster still larger than `max_cluster_size` is split again: Leiden on its own subgraph at a
@@ -10,12 +11,19 @@
    they fit (so a clique is cut into a few big parts, not shattered); finally, if Leiden will not
    split it, a deterministic balanced cut of its breadth-first order.
 
+Block evidence (`graph.block_evidence`) decides first: a block (subclass) whose pooled test shows
+substitution that its edges cannot carry is randomised whole, one cluster per block, split along
+catalogue-attribute similarity when it is larger than `max_cluster_size`
+(`split_by_attributes`). The edge clustering above runs on the other products only.
+
 `cluster_id` = the smallest product_id in the cluster: stable, deterministic, readable. Products
-without any edge are singletons.
+without any edge (outside whole blocks) are singletons. `reason` says why each cluster exists:
+'edges', 'block' (whole block), 'block_split_by_attributes' or 'singleton'.
 """
 from __future__ import annotations
 
 import io
+import logging
 import random
 import tempfile
 from collections import deque
@@ -27,7 +35,9 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.spark import graphframes_available
+from pipelines.spark import graphframes_missing_reason
+
+logger = logging.getLogger(__name__)
 
 # Components are already small (substitutes within a subclass), and modularity at resolution 1
 # splits a sparsely observed substitute group into pairs and triples. Measured on the default
@@ -42,6 +52,8 @@ MAX_PROPAGATION_ROUNDS = 10_000
 CLUSTER_SCHEMA = T.StructType(
     [T.StructField("product_id", T.StringType()), T.StructField("cluster_id", T.StringType())]
 )
+CLUSTER_REASONS = ("edges", "block", "block_split_by_attributes", "singleton")
+CATALOG_KEYS = ("product_id", "category", "subclass")
 
 
 # ----------------------------------------------------------------------------- components
@@ -124,17 +136,20 @@ def _components_by_propagation(edges: DataFrame, vertices: DataFrame) -> DataFra
     raise RuntimeError(f"connected components did not converge in {MAX_PROPAGATION_ROUNDS} rounds")
 
 
-def _components_by_graphframes(edges: DataFrame, vertices: DataFrame) -> DataFrame:
+def _components_by_graphframes(edges: DataFrame, vertices: DataFrame, checkpoint_dir: str | None = None) -> DataFrame:
     """GraphFrames' connectedComponents, with the settings its documentation asks for.
 
-    A checkpoint directory on the SparkContext (a temporary one if none is set) and adaptive
-    query execution off for the duration of the step, restored afterwards.
+    A checkpoint directory on the SparkContext (`checkpoint_dir`, e.g. under the data dir; else the
+    one already set; else a temporary one) and adaptive query execution off for the duration of
+    the step, restored afterwards.
     """
     from graphframes import GraphFrame
 
     spark = edges.sparkSession
     context = spark.sparkContext
-    if context.getCheckpointDir() is None:
+    if checkpoint_dir is not None:
+        context.setCheckpointDir(str(checkpoint_dir))
+    elif context.getCheckpointDir() is None:
         context.setCheckpointDir(tempfile.mkdtemp(prefix="pricelab-graphframes-"))
     with _adaptive_execution_off(spark):
         graph = GraphFrame(vertices.select(F.col("product_id").alias("id")).distinct(), edges.select("src", "dst"))
@@ -145,31 +160,52 @@ def _components_by_graphframes(edges: DataFrame, vertices: DataFrame) -> DataFra
     return found.join(smallest, "component").select("product_id", F.col("label").alias("component"))
 
 
-def connected_components(edges: DataFrame, vertices: DataFrame, use_graphframes: bool | None = None) -> DataFrame:
+def connected_components(
+    edges: DataFrame, vertices: DataFrame, use_graphframes: bool | None = None, checkpoint_dir: str | None = None
+) -> DataFrame:
     """(product_id, component) for every vertex; component = the smallest product_id in it.
 
     edges: src, dst (direction ignored; edges touching a product outside `vertices` are ignored).
     vertices: product_id. use_graphframes: None = use GraphFrames when its jar is on the
     classpath, True = require it (error if absent), False = plain Spark DataFrames.
+    checkpoint_dir: GraphFrames' checkpoint directory (see `_components_by_graphframes`).
+    Which implementation ran, and why, is logged (logger `pipelines.clustering`, INFO).
     """
     ids = vertices.select("product_id").where(F.col("product_id").isNotNull()).distinct()
-    return _components(_undirected_edges(edges, ids), ids, use_graphframes)
+    return _components(_undirected_edges(edges, ids), ids, use_graphframes, checkpoint_dir)
 
 
-def _components(undirected: DataFrame, ids: DataFrame, use_graphframes: bool | None) -> DataFrame:
-    """connected_components on already canonical edges and distinct vertex ids."""
-    spark = undirected.sparkSession
-    available = graphframes_available(spark)
-    if use_graphframes and not available:
+GRAPHFRAMES_IMPLEMENTATION = "GraphFrames connectedComponents"
+FALLBACK_IMPLEMENTATION = "plain Spark min-label propagation (fallback)"
+
+
+def _choose_components_implementation(spark, use_graphframes: bool | None) -> bool:
+    """True for GraphFrames: when asked, or (None) when its jar is on the classpath. Logs the choice."""
+    missing = graphframes_missing_reason(spark)
+    if use_graphframes and missing:
         raise RuntimeError(
-            "use_graphframes=True but the GraphFrames JVM jar is not on the Spark classpath "
-            "(org.graphframes.GraphFrame not found); add it with spark.jars / spark.jars.packages, "
-            "or pass use_graphframes=None to fall back to the plain Spark implementation"
+            f"use_graphframes=True but {missing}; add it with spark.jars (`make setup` fetches it into "
+            "./jars) or spark.jars.packages, or pass use_graphframes=None to fall back to the plain "
+            "Spark implementation"
         )
     if use_graphframes is None:
-        use_graphframes = available
-    if use_graphframes:
-        found = _components_by_graphframes(undirected, ids)
+        chosen = missing is None
+        why = "the GraphFrames JVM jar is on the Spark classpath" if chosen else missing
+    else:
+        chosen, why = use_graphframes, f"use_graphframes={use_graphframes} was asked for"
+    logger.info(
+        "connected components: %s, because %s", GRAPHFRAMES_IMPLEMENTATION if chosen else FALLBACK_IMPLEMENTATION, why
+    )
+    return chosen
+
+
+def _components(
+    undirected: DataFrame, ids: DataFrame, use_graphframes: bool | None, checkpoint_dir: str | None = None
+) -> DataFrame:
+    """connected_components on already canonical edges and distinct vertex ids."""
+    spark = undirected.sparkSession
+    if _choose_components_implementation(spark, use_graphframes):
+        found = _components_by_graphframes(undirected, ids, checkpoint_dir)
         # Some GraphFrames releases drop isolated vertices: every vertex is its own component then.
         return ids.join(found, "product_id", "left").select(
             "product_id", F.coalesce("component", "product_id").alias("component")
@@ -295,13 +331,18 @@ def cluster_products(
     resolution: float = DEFAULT_RESOLUTION,
     seed: int = 0,
     use_graphframes: bool | None = None,
+    blocks: pd.DataFrame | None = None,
+    checkpoint_dir: str | None = None,
 ) -> DataFrame:
-    """(product_id, cluster_id) for every product: components, then Leiden, then size cap.
+    """(product_id, cluster_id, reason) for every product: whole blocks, then edge clusters.
 
     edges: src, dst, weight (> 0; direction ignored, duplicates keep the larger weight).
-    products: product_id (e.g. the catalogue). Leiden runs per component on the executors.
-    `resolution`: Leiden's modularity resolution inside each component (see DEFAULT_RESOLUTION);
-    higher gives more, smaller clusters and more spillover cut between them.
+    products: product_id (e.g. the catalogue); with `blocks`, also subclass and the attribute
+    columns. blocks: `graph.block_evidence` rows (block, randomise_whole); the products of a
+    block to randomise whole form its cluster(s) and their edges are left out of the rest.
+    Leiden runs per component on the executors. `resolution`: Leiden's modularity resolution
+    inside each component (see DEFAULT_RESOLUTION); higher gives more, smaller clusters.
+    `use_graphframes`, `checkpoint_dir`: how connected components run (see `connected_components`).
     """
     if max_cluster_size < 1:
         raise ValueError(f"max_cluster_size must be >= 1, got {max_cluster_size}")
@@ -317,18 +358,84 @@ def cluster_products(
         row = bad[0]
         raise ValueError(f"edges: weight must be > 0, got {row['weight']} for src={row['src']}, dst={row['dst']}")
 
+    spark = products.sparkSession
     ids = products.select("product_id").where(F.col("product_id").isNotNull()).distinct()
+    whole = _whole_block_clusters(products, blocks, max_cluster_size)
+    if whole is not None:
+        whole_sdf = spark.createDataFrame(whole, "product_id string, cluster_id string, reason string")
+        ids = ids.join(whole_sdf.select("product_id"), "product_id", "left_anti")
     undirected = _undirected_edges(edges, ids).localCheckpoint(eager=True)
-    components = _components(undirected, ids, use_graphframes)
+    components = _components(undirected, ids, use_graphframes, checkpoint_dir)
     component_edges = undirected.join(components.withColumnRenamed("product_id", "src"), "src")
 
     def per_component(frame: pd.DataFrame) -> pd.DataFrame:
         return cluster_component(frame, max_cluster_size, resolution, seed)
 
     clustered = component_edges.groupBy("component").applyInPandas(per_component, CLUSTER_SCHEMA)
-    return ids.join(clustered, "product_id", "left").select(
-        "product_id", F.coalesce("cluster_id", "product_id").alias("cluster_id")
+    by_edges = ids.join(clustered, "product_id", "left").select(
+        "product_id",
+        F.coalesce("cluster_id", "product_id").alias("cluster_id"),
+        F.when(F.col("cluster_id").isNull(), F.lit("singleton")).otherwise(F.lit("edges")).alias("reason"),
     )
+    # Leiden pieces of one product (possible after a split) are singletons too
+    sizes = by_edges.groupBy("cluster_id").agg(F.count(F.lit(1)).alias("size"))
+    by_edges = by_edges.join(sizes, "cluster_id").select(
+        "product_id", "cluster_id", F.when(F.col("size") == 1, F.lit("singleton")).otherwise(F.col("reason")).alias("reason")
+    )
+    return by_edges if whole is None else by_edges.unionByName(whole_sdf)
+
+
+def _whole_block_clusters(products: DataFrame, blocks: pd.DataFrame | None, max_cluster_size: int) -> pd.DataFrame | None:
+    """Clusters of the blocks to randomise whole (pandas), or None when there are none."""
+    if blocks is None or blocks.empty or not blocks["randomise_whole"].any():
+        return None
+    if "subclass" not in products.columns:
+        raise ValueError("products: blocks to randomise whole need the catalogue's 'subclass' column")
+    chosen = sorted(blocks.loc[blocks["randomise_whole"].astype(bool), "block"].astype(str))
+    members = products.where(F.col("subclass").isin(chosen)).toPandas()
+    parts = []
+    for block, frame in members.sort_values("product_id").groupby("subclass", sort=True):
+        labels = split_by_attributes(frame, max_cluster_size)
+        reason = "block" if labels.max() == 0 else "block_split_by_attributes"
+        ids = frame["product_id"].astype(str).to_numpy()
+        first = pd.Series(ids).groupby(labels).transform("min").to_numpy()
+        parts.append(pd.DataFrame({"product_id": ids, "cluster_id": first, "reason": reason}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def split_by_attributes(members: pd.DataFrame, max_cluster_size: int) -> np.ndarray:
+    """Part labels 0..k-1 cutting a block into k = ceil(n / max) near-equal parts of similar products.
+
+    Features: every catalogue column but the keys (numeric standardised, categorical one-hot, by
+    scikit-learn's ColumnTransformer). Products are ordered by the leaves of a Ward hierarchical
+    clustering of those features (scipy), so neighbours in the order are alike, and the order is
+    cut into contiguous parts: every part fits, and similar products stay together. Deterministic
+    for a given member order (sort by product_id first).
+    """
+    n = len(members)
+    n_parts = -(-n // max_cluster_size)
+    if n_parts <= 1:
+        return np.zeros(n, dtype=np.int64)
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    features = members.drop(columns=[c for c in CATALOG_KEYS if c in members.columns])
+    numeric = [c for c in features.columns if pd.api.types.is_numeric_dtype(features[c]) or pd.api.types.is_bool_dtype(features[c])]
+    categorical = [c for c in features.columns if c not in numeric]
+    order = np.arange(n)
+    if numeric or categorical:
+        encoder = ColumnTransformer(
+            [("numeric", StandardScaler(), numeric), ("categorical", OneHotEncoder(handle_unknown="ignore"), categorical)],
+            sparse_threshold=0.0,
+        )
+        matrix = encoder.fit_transform(features.assign(**{c: features[c].astype(float) for c in numeric}).fillna(0))
+        if matrix.shape[1] and n > 2:
+            order = leaves_list(linkage(np.asarray(matrix, dtype=float), method="ward"))
+    labels = np.empty(n, dtype=np.int64)
+    for part, chunk in enumerate(np.array_split(order, n_parts)):
+        labels[chunk] = part
+    return labels
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -362,6 +469,12 @@ def cluster_metrics(edges: DataFrame, clusters: DataFrame) -> dict:
     ).first()
     total = float(weight_row["total"] or 0.0)
     cut = float(weight_row["cut"] or 0.0)
+    reasons = {}
+    if "reason" in clusters.columns:
+        reasons = {
+            f"products_by_reason_{row['reason']}": int(row["count"])
+            for row in clusters.groupBy("reason").count().collect()
+        }
 
     def number(value):
         return None if value is None else float(value)
@@ -375,7 +488,26 @@ def cluster_metrics(edges: DataFrame, clusters: DataFrame) -> dict:
         "size_max": number(size_row["max"]),
         "edges_cut": int(weight_row["cut_edges"] or 0),
         "cut_weight_share": cut / total if total > 0 else 0.0,
+        "products": int(clusters.count()),
+        **reasons,
     }
+
+
+SINGLETON_WARNING_SHARE = 0.9
+
+
+def design_warnings(metrics: dict) -> list[str]:
+    """Say so when cluster randomisation is (close to) product randomisation."""
+    products = metrics.get("products") or 0
+    if not products:
+        return []
+    share = metrics["singletons"] / products
+    if share >= SINGLETON_WARNING_SHARE:
+        return [
+            f"{share:.0%} of products are singleton clusters: 'unit: cluster' is close to product randomisation "
+            "here; see the substitution_graph metadata for what the graph could detect"
+        ]
+    return []
 
 
 def largest_clusters_png(edges: DataFrame, clusters: DataFrame, k: int = 6) -> bytes:

@@ -46,20 +46,23 @@ number of days both products have data.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date, timedelta
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-from scipy.special import ndtr
+from scipy.special import ndtr, ndtri
 
 TREND_DEGREE = 8  # Legendre polynomial degree of the smooth trend (a yearly wave fits)
 WINSOR_SD = 3.0  # demand residuals are clipped at this many robust standard deviations
 _RIDGE = 1e-9  # relative ridge on the detrending normal equations (weekdays never observed)
 
-EDGE_COLUMNS = ["src", "dst", "weight", "corr", "n_days", "snapshot_date"]
+BLOCKS_TABLE = "substitution_blocks"  # the warehouse table of block evidence, beside the edges
+EDGE_COLUMNS = ["src", "dst", "weight", "corr", "n_days", "evidence", "snapshot_date"]
 
 PAIR_STATS_SCHEMA = T.StructType(
     [
@@ -72,6 +75,20 @@ PAIR_STATS_SCHEMA = T.StructType(
         T.StructField("p_dst_src", T.DoubleType()),
         T.StructField("p_pair", T.DoubleType()),  # both directions combined: the tested p-value
         T.StructField("n_days", T.IntegerType()),
+        # z of each direction (null: N(0, 1)) and its expected value per unit of cross elasticity
+        # (sd(price_i) / sd(demand_j) * sqrt(n_eff)): the pair's power, and the block test's signal
+        T.StructField("z_src_dst", T.DoubleType()),
+        T.StructField("z_dst_src", T.DoubleType()),
+        T.StructField("kappa_src_dst", T.DoubleType()),
+        T.StructField("kappa_dst_src", T.DoubleType()),
+        # empirical-Bayes local false discovery rate of the pair within its block (two-group model)
+        # and whether the block's q-value rule (mean lfdr of the selected <= fdr) selects it
+        T.StructField("lfdr", T.DoubleType()),
+        T.StructField("eb_selected", T.BooleanType()),
+        # the block's pooled test (`block_substitution_statistic`), repeated on each of its rows
+        T.StructField("block_z", T.DoubleType()),
+        T.StructField("block_z_per_elasticity", T.DoubleType()),
+        T.StructField("block_products", T.IntegerType()),
     ]
 )
 
@@ -186,6 +203,100 @@ def _fisher_z(corr: np.ndarray, n_effective: np.ndarray) -> np.ndarray:
     return np.arctanh(r) * np.sqrt(np.maximum(n_effective - 3, 1))
 
 
+BLOCK_MIN_SHIFT = 30  # circular shifts of the null: far beyond any promotion or carryover
+BLOCK_MAX_SHIFTS = 64
+
+
+def block_substitution_statistic(price: np.ndarray, demand: np.ndarray, observed: np.ndarray) -> tuple[float, float, float]:
+    """The pooled test of a block: does its demand move with the prices of its OTHER members?
+
+    price, demand: detrended (days, products), 0 on missing days. Each series is standardised
+    over its observed days; T = sum over days and over ordered pairs i != j of
+    price_i(t) * demand_j(t) / sqrt(days), i.e. about the sum of the block's directional
+    correlations times sqrt(days). Computed from the block's summed series in O(days x products),
+    never pair by pair. Its null spread comes from circular shifts of all prices together by
+    BLOCK_MIN_SHIFT .. days - BLOCK_MIN_SHIFT days: a shifted price cannot act on today's demand,
+    and the shifts keep the prices' own correlations, autocorrelation and any shocks the block
+    shares. Returns (z, z per unit of cross elasticity, products): z = T / null sd; a block in
+    which every product's cross elasticities add up to C has E[z] ~= C x the second number.
+    """
+    n_days, n = price.shape
+    if n < 2 or n_days < 2 * BLOCK_MIN_SHIFT + 2:
+        return float("nan"), float("nan"), n
+    count = np.maximum(observed.sum(axis=0), 1)
+    sd_price = np.sqrt((price * price).sum(axis=0) / count)
+    sd_demand = np.sqrt((demand * demand).sum(axis=0) / count)
+    usable = (sd_price > 0) & (sd_demand > 0)
+    if usable.sum() < 2:
+        return float("nan"), float("nan"), int(usable.sum())
+    p = price[:, usable] / sd_price[usable]
+    d = demand[:, usable] / sd_demand[usable]
+    scale = 1.0 / np.sqrt(n_days)
+
+    def statistic(shifted: np.ndarray) -> float:
+        return float((shifted.sum(axis=1) @ d.sum(axis=1) - (shifted * d).sum()) * scale)
+
+    observed_t = statistic(p)
+    shifts = np.unique(np.linspace(BLOCK_MIN_SHIFT, n_days - BLOCK_MIN_SHIFT, BLOCK_MAX_SHIFTS).astype(int))
+    null = np.array([statistic(np.roll(p, k, axis=0)) for k in shifts])
+    null_sd = float(np.sqrt(np.mean(null * null)))
+    if not null_sd > 0:
+        return float("nan"), float("nan"), int(usable.sum())
+    # E[price_i(t) demand_j(t)] summed over days = c_ij * sd_price_i / sd_demand_j * (days both observed)
+    both = observed[:, usable].astype(float)
+    overlap = both.T @ both
+    np.fill_diagonal(overlap, 0.0)
+    ratio = sd_price[usable][:, None] / sd_demand[usable][None, :]  # cross elasticity -> correlation
+    m = usable.sum()
+    # every product j with total cross elasticity C spread evenly over its m - 1 block neighbours
+    per_elasticity = float((ratio * overlap).sum() / (m - 1) * scale / null_sd)
+    return observed_t / null_sd, per_elasticity, int(m)
+
+
+EB_MAX_ITERATIONS = 200
+
+
+def local_false_discovery_rates(z: np.ndarray) -> np.ndarray:
+    """Local fdr of each z under a two-group model fitted to one block's pair z-values.
+
+    Efron's two groups with the theoretical null: f(z) = pi0 N(0, 1) + (1 - pi0) N(mu, 1),
+    mu >= 0 (substitutes only raise z), pi0 and mu by EM. lfdr = pi0 phi(z) / f(z): a pair's
+    evidence is shrunk towards what the block as a whole shows. A block full of weak substitutes
+    (high 1 - pi0) lets moderate z-values through that a pair test alone would never pass; a
+    block without substitutes (pi0 -> 1) lets nothing through.
+    """
+    z = np.asarray(z, dtype=float)
+    finite = np.isfinite(z)
+    out = np.ones(len(z))
+    x = z[finite]
+    if len(x) < 10:
+        return out
+    pi1, mu = 0.1, max(float(np.quantile(x, 0.9)), 1.0)
+    for _ in range(EB_MAX_ITERATIONS):
+        null = (1 - pi1) * np.exp(-0.5 * x * x)
+        alt = pi1 * np.exp(-0.5 * (x - mu) ** 2)
+        posterior = alt / np.maximum(null + alt, 1e-300)
+        new_pi1 = float(np.clip(posterior.mean(), 1e-6, 1 - 1e-6))
+        new_mu = float(max((posterior * x).sum() / max(posterior.sum(), 1e-12), 0.0))
+        converged = abs(new_pi1 - pi1) < 1e-8 and abs(new_mu - mu) < 1e-8
+        pi1, mu = new_pi1, new_mu
+        if converged:
+            break
+    null = (1 - pi1) * np.exp(-0.5 * x * x)
+    alt = pi1 * np.exp(-0.5 * (x - mu) ** 2)
+    out[finite] = null / np.maximum(null + alt, 1e-300)
+    return out
+
+
+def q_value_selection(lfdr: np.ndarray, fdr: float) -> np.ndarray:
+    """The largest set of smallest-lfdr pairs whose mean lfdr (their expected false share) <= fdr."""
+    order = np.argsort(lfdr, kind="stable")
+    mean_so_far = np.cumsum(lfdr[order]) / np.arange(1, len(lfdr) + 1)
+    chosen = np.zeros(len(lfdr), dtype=bool)
+    chosen[order[: int((mean_so_far <= fdr).sum())]] = True  # mean_so_far is non-decreasing
+    return chosen
+
+
 def block_pair_statistics(
     panel: pd.DataFrame,
     pairs: pd.DataFrame | None,
@@ -193,6 +304,7 @@ def block_pair_statistics(
     window_days: int,
     min_overlap: int,
     autocorrelation_lags: int = 14,
+    fdr: float = 0.05,
 ) -> pd.DataFrame:
     """One block's pair statistics (PAIR_STATS_SCHEMA) from its panel rows.
 
@@ -252,6 +364,16 @@ def block_pair_statistics(
     z_ji = _fisher_z(corr_ji, n / inflation[j, i])
     # Stouffer: the cross elasticity is one number for both directions, so their tests add up
     z_pair = np.where(np.isfinite(z_ij) & np.isfinite(z_ji), (z_ij + z_ji) / np.sqrt(2.0), np.where(np.isfinite(z_ij), z_ij, z_ji))
+    sd_price = np.sqrt((price * price).sum(axis=0) / np.maximum(observed.sum(axis=0), 1))
+    sd_demand = np.sqrt((demand * demand).sum(axis=0) / np.maximum(observed.sum(axis=0), 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kappa_ij = np.where(np.isfinite(z_ij), sd_price[i] / sd_demand[j] * np.sqrt(n / inflation[i, j]), np.nan)
+        kappa_ji = np.where(np.isfinite(z_ji), sd_price[j] / sd_demand[i] * np.sqrt(n / inflation[j, i]), np.nan)
+    tested = np.unique(np.concatenate([i, j]))
+    block_z, block_z_per_elasticity, block_products = block_substitution_statistic(
+        price[:, tested], demand[:, tested], observed[:, tested]
+    )
+    lfdr = local_false_discovery_rates(z_pair)
     return pd.DataFrame(
         {
             "block": block,
@@ -263,13 +385,23 @@ def block_pair_statistics(
             "p_dst_src": ndtr(-z_ji),
             "p_pair": ndtr(-z_pair),
             "n_days": n.astype(np.int32),
+            "z_src_dst": z_ij,
+            "z_dst_src": z_ji,
+            "kappa_src_dst": kappa_ij,
+            "kappa_dst_src": kappa_ji,
+            "lfdr": lfdr,
+            "eb_selected": q_value_selection(lfdr, fdr),
+            "block_z": block_z,
+            "block_z_per_elasticity": block_z_per_elasticity,
+            "block_products": np.int32(block_products),
         },
         columns=columns,
     )
 
 
 def _empty_pair_stats() -> pd.DataFrame:
-    dtypes = {"block": object, "src": object, "dst": object, "n_days": np.int32}
+    dtypes = {"block": object, "src": object, "dst": object, "n_days": np.int32, "eb_selected": bool,
+              "block_products": np.int32}
     return pd.DataFrame(
         {f.name: pd.Series(dtype=dtypes.get(f.name, float)) for f in PAIR_STATS_SCHEMA.fields}
     )
@@ -325,7 +457,19 @@ def _bh_threshold(stats: DataFrame, fdr: float, columns: tuple[str, ...] = ("p_p
     return threshold
 
 
-def build_substitution_graph(
+class SubstitutionEvidence(NamedTuple):
+    """What the graph stage learned: pair edges (Spark) and one row of block evidence per block (pandas)."""
+
+    edges: DataFrame
+    blocks: pd.DataFrame
+
+
+def build_substitution_graph(sales: DataFrame, catalog: DataFrame, snapshot_date: date, **options) -> DataFrame:
+    """The substitution edges alone (see `learn_substitution`, which takes the same arguments)."""
+    return learn_substitution(sales, catalog, snapshot_date, **options).edges
+
+
+def learn_substitution(
     sales: DataFrame,
     catalog: DataFrame,
     snapshot_date: date,
@@ -336,12 +480,15 @@ def build_substitution_graph(
     min_corr: float = 0.1,
     autocorrelation_lags: int = 14,
     demand_column: str | None = None,
-) -> DataFrame:
-    """Substitution edges (src < dst, weight, corr, n_days, snapshot_date) from a year of sales.
+    evidence_rule: "BlockEvidenceRule | None" = None,
+) -> SubstitutionEvidence:
+    """Substitution edges and block evidence from the `window_days` days before `snapshot_date`.
 
     sales: contract v1 (product_id, date, price, units[, views]); catalog: product_id, subclass.
-    Uses the `window_days` days before `snapshot_date` (that day excluded). See the module
-    docstring for the detrending, the candidates, the test and the edge rule.
+    Edges (src < dst, weight, corr, n_days, evidence, snapshot_date): pairs significant by
+    Benjamini-Hochberg over every pair (`evidence` = 'pair_test'), or selected by the block's
+    empirical-Bayes q-value rule at the same `fdr` ('block_shrinkage'); either way with mean
+    directional correlation >= `min_corr`. Blocks: see `block_evidence`.
     `autocorrelation_lags` (0 = off): lags of the Bartlett correction of the Fisher-z sample size.
     `demand_column`: the demand series; None = `views` when sales has it, else `units`.
     """
@@ -365,7 +512,45 @@ def build_substitution_graph(
         if missing:
             raise ValueError(f"{name}: missing column(s) {missing}")
 
-    spark = sales.sparkSession
+    stats = _pair_statistics(sales, catalog, snapshot_date, related_pairs, window_days, min_overlap, fdr,
+                             autocorrelation_lags, demand_column)
+    threshold = _bh_threshold(stats, fdr)
+    n_tests = stats.count()
+    # the one-sided z a pair must reach: the BH threshold found, or the first BH step fdr / m
+    pair_threshold = threshold if threshold is not None else fdr / max(n_tests, 1)
+
+    def defined(column: str):
+        return F.when(F.isnan(column), None).otherwise(F.col(column))
+
+    def mean_defined(a, b):  # mean of the two directions, or the one that is defined
+        return (F.coalesce(a, b) + F.coalesce(b, a)) / 2.0
+
+    corr_sd, corr_ds = defined("corr_src_dst"), defined("corr_dst_src")
+    # greatest() skips nulls, so clip only where the direction is defined.
+    clip_sd = F.when(corr_sd.isNotNull(), F.greatest(corr_sd, F.lit(0.0)))
+    clip_ds = F.when(corr_ds.isNotNull(), F.greatest(corr_ds, F.lit(0.0)))
+    pair_test = F.coalesce(F.col("p_pair") <= F.lit(pair_threshold), F.lit(False)) if threshold is not None else F.lit(False)
+    labelled = (
+        stats.withColumn("corr", mean_defined(corr_sd, corr_ds))
+        .withColumn("weight", mean_defined(clip_sd, clip_ds))
+        .withColumn(
+            "evidence",
+            F.when(pair_test, F.lit("pair_test")).when(F.col("eb_selected"), F.lit("block_shrinkage")),
+        )
+        .withColumn("is_edge", F.col("evidence").isNotNull() & (F.col("corr") >= min_corr) & (F.col("corr") > 0))
+    )
+    edges = labelled.where("is_edge").select(
+        "src", "dst", "weight", "corr", "n_days", "evidence",
+        F.lit(snapshot_date).cast("date").alias("snapshot_date"),
+    )
+    blocks = block_evidence(_block_rows(labelled, pair_threshold), evidence_rule or BlockEvidenceRule(fdr=fdr))
+    blocks.insert(0, "snapshot_date", snapshot_date)
+    return SubstitutionEvidence(edges, blocks)
+
+
+def _pair_statistics(sales, catalog, snapshot_date, related_pairs, window_days, min_overlap, fdr,
+                     autocorrelation_lags, demand_column) -> DataFrame:
+    """PAIR_STATS_SCHEMA rows of every candidate pair, computed blockwise and checkpointed."""
     window_start = snapshot_date - timedelta(days=window_days)
     panel = sales.where(
         (F.col("date") >= F.lit(window_start)) & (F.col("date") < F.lit(snapshot_date))
@@ -386,13 +571,13 @@ def build_substitution_graph(
 
     if pairs is None:
         def per_block(frame: pd.DataFrame) -> pd.DataFrame:
-            return block_pair_statistics(frame, None, window_start, window_days, min_overlap, autocorrelation_lags)
+            return block_pair_statistics(frame, None, window_start, window_days, min_overlap, autocorrelation_lags, fdr)
 
         stats = block_panel.groupBy("block").applyInPandas(per_block, PAIR_STATS_SCHEMA)
     else:
         def per_block_with_pairs(frame: pd.DataFrame, block_pairs: pd.DataFrame) -> pd.DataFrame:
             return block_pair_statistics(
-                frame, block_pairs, window_start, window_days, min_overlap, autocorrelation_lags
+                frame, block_pairs, window_start, window_days, min_overlap, autocorrelation_lags, fdr
             )
 
         stats = (
@@ -401,40 +586,139 @@ def build_substitution_graph(
             .cogroup(pairs.select(F.col("block").alias("pair_block"), "src", "dst").groupBy("pair_block"))
             .applyInPandas(per_block_with_pairs, PAIR_STATS_SCHEMA)
         )
-    # Computed once: the BH threshold and the edges below both read it.
-    stats = stats.localCheckpoint(eager=True)
+    # Computed once: the BH threshold, the edges and the block table all read it.
+    return stats.localCheckpoint(eager=True)
 
-    threshold = _bh_threshold(stats, fdr)
-    if threshold is None:
-        return spark.createDataFrame([], _edge_schema())
 
-    def defined(column: str):
-        return F.when(F.isnan(column), None).otherwise(F.col(column))
+POWER_Z = 0.8416212335729143  # ndtri(0.8): 80% power
 
-    def mean_defined(a, b):  # mean of the two directions, or the one that is defined
-        return (F.coalesce(a, b) + F.coalesce(b, a)) / 2.0
 
-    corr_sd, corr_ds = defined("corr_src_dst"), defined("corr_dst_src")
-    mean_of_defined = mean_defined(corr_sd, corr_ds)
-    # greatest() skips nulls, so clip only where the direction is defined.
-    clip_sd = F.when(corr_sd.isNotNull(), F.greatest(corr_sd, F.lit(0.0)))
-    clip_ds = F.when(corr_ds.isNotNull(), F.greatest(corr_ds, F.lit(0.0)))
-    mean_clipped = mean_defined(clip_sd, clip_ds)
-    significant = F.col("p_pair") <= threshold
-    edges = (
-        stats.withColumn("corr", mean_of_defined)
-        .withColumn("weight", mean_clipped)
-        .where(F.coalesce(significant, F.lit(False)) & (F.col("corr") >= min_corr) & (F.col("corr") > 0))
-        .select(
-            "src",
-            "dst",
-            "weight",
-            "corr",
-            "n_days",
-            F.lit(snapshot_date).cast("date").alias("snapshot_date"),
-        )
+def _block_rows(labelled: DataFrame, pair_threshold: float) -> pd.DataFrame:
+    """One row per block (pandas): pair counts, edges, pair and pooled detectability, edge share."""
+    z_needed = float(ndtri(1.0 - pair_threshold)) + POWER_Z
+    kappa = F.coalesce(defined_or_zero("kappa_src_dst") + defined_or_zero("kappa_dst_src"), F.lit(0.0))
+    # the cross elasticity at which this pair's combined z reaches the threshold with 80% power
+    pair_mde = F.when(kappa > 0, F.lit(z_needed * np.sqrt(2.0)) / kappa)
+    z_sum = defined_or_zero("z_src_dst") + defined_or_zero("z_dst_src")
+    rows = labelled.groupBy("block").agg(
+        F.count(F.lit(1)).alias("pairs_tested"),
+        F.sum(F.col("is_edge").cast("int")).alias("edges"),
+        F.sum(F.when(F.col("is_edge") & (F.col("evidence") == "block_shrinkage"), 1).otherwise(0)).alias("edges_by_shrinkage"),
+        F.median(pair_mde).alias("pair_detectable_elasticity"),
+        F.first("block_z").alias("pooled_z"),
+        F.first("block_z_per_elasticity").alias("pooled_z_per_elasticity"),
+        F.first("block_products").alias("products"),
+        F.sum(z_sum).alias("z_all"),
+        F.sum(F.when(F.col("is_edge"), z_sum).otherwise(0.0)).alias("z_edges"),
     )
-    return edges
+    return rows.toPandas().sort_values("block").reset_index(drop=True)
+
+
+def defined_or_zero(column: str):
+    return F.when(F.col(column).isNull() | F.isnan(column), F.lit(0.0)).otherwise(F.col(column))
+
+
+@dataclass(frozen=True)
+class BlockEvidenceRule:
+    """When a block's products must be randomised whole: the constants of `block_evidence`, stated.
+
+    fdr: Benjamini-Hochberg level over blocks for a block that shows substitution on its own.
+    market_alpha: one-sided level of the snapshot-wide pooled test that opens the hierarchical
+        pooling (blocks borrow strength from each other only when the market as a whole shows
+        substitution; 0.01, so a market without substitutes pools by mistake once in a hundred).
+    posterior: the posterior probability of substitution a block needs under that pooling.
+    min_cross_elasticity: the smallest total cross elasticity per product (posterior mean) that is
+        worth randomising a block whole for; below it the spillover is immaterial.
+    min_resolved_share: the share of a block's pooled signal its edges must carry for the edges
+        to stand for the block; below it the edges cannot resolve the block.
+    """
+
+    fdr: float = 0.05
+    market_alpha: float = 0.01
+    posterior: float = 0.9
+    min_cross_elasticity: float = 0.1
+    min_resolved_share: float = 0.7
+
+
+def block_evidence(blocks: pd.DataFrame, rule: BlockEvidenceRule = BlockEvidenceRule()) -> pd.DataFrame:
+    """Decide, per block, whether it shows substitution and whether its edges resolve it.
+
+    blocks: one row per block with pooled_z (the block's pooled test, N(0, 1) without
+    substitutes), pooled_z_per_elasticity, z_all / z_edges (sum of directional pair z over all
+    pairs / over edges). Evidence, in two ways:
+    - on its own: the block's pooled test is significant by Benjamini-Hochberg over blocks;
+    - by pooling: when the snapshot-wide test sum(z) / sqrt(B) is significant at market_alpha,
+      blocks are exchangeable draws theta_b ~ N(mean, tau^2) (moments: tau^2 = var(z) - 1) and a
+      block shows substitution when P(theta_b > 0 | z_b) >= posterior. One block of 25 weak
+      substitutes has a pooled z of about 1 (no test finds it), while 32 such blocks give ~6.
+    A block with evidence whose posterior mean cross elasticity is >= min_cross_elasticity and
+    whose edges carry less than min_resolved_share of its pair signal is randomised whole
+    (`randomise_whole`); `reason` says which case applies. Adds: pooled_p, posterior_z (posterior
+    mean of theta_b), posterior_probability, cross_elasticity_estimate (total per product),
+    pooled_detectable_elasticity (80% power at the pooled test's own BH step), resolved_share,
+    evidence, randomise_whole, exposure_by_block (see below), reason.
+    """
+    out = blocks.copy()
+    z = out["pooled_z"].to_numpy(dtype=float)
+    usable = np.isfinite(z)
+    out["pooled_p"] = np.where(usable, ndtr(-np.nan_to_num(z)), np.nan)
+    n_blocks = int(usable.sum())
+    own = np.zeros(len(out), dtype=bool)
+    if n_blocks:
+        p = out.loc[usable, "pooled_p"].to_numpy()
+        order = np.argsort(p)
+        passed = p[order] <= rule.fdr * np.arange(1, n_blocks + 1) / n_blocks
+        cutoff = p[order][np.flatnonzero(passed).max()] if passed.any() else -1.0
+        own[np.flatnonzero(usable)] = p <= cutoff
+    market_z = float(z[usable].sum() / np.sqrt(n_blocks)) if n_blocks else float("nan")
+    pooled = n_blocks >= 2 and market_z >= float(ndtri(1.0 - rule.market_alpha))
+    posterior_mean = np.where(usable, z, np.nan)
+    posterior_sd = np.ones(len(out))
+    if pooled:
+        mean, tau2 = float(z[usable].mean()), max(float(z[usable].var(ddof=1)) - 1.0, 0.0)
+        shrink = tau2 / (tau2 + 1.0)
+        posterior_mean = np.where(usable, mean + shrink * (z - mean), np.nan)
+        posterior_sd = np.full(len(out), np.sqrt(max(shrink, 1.0 / n_blocks)))  # tau2 = 0: the mean's own spread
+    probability = np.where(usable, ndtr(np.nan_to_num(posterior_mean) / posterior_sd), np.nan)
+    k = out["pooled_z_per_elasticity"].to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        estimate = np.where(usable & (k > 0), posterior_mean / k, np.nan)
+        z_needed = float(ndtri(1.0 - rule.fdr / max(n_blocks, 1))) + POWER_Z
+        detectable = np.where(k > 0, z_needed / k, np.nan)
+        z_all, z_edges = out["z_all"].to_numpy(float), out["z_edges"].to_numpy(float)
+        # the share of the pair signal on edges; without any positive signal, 1 if edges exist, else 0
+        resolved = np.where(z_all > 0, np.clip(z_edges / z_all, 0.0, 1.0), np.where(z_edges > 0, 1.0, 0.0))
+    by_pooling = pooled & (probability >= rule.posterior)
+    evidence = own | by_pooling
+    material = np.nan_to_num(estimate) >= rule.min_cross_elasticity
+    whole = evidence & material & (resolved < rule.min_resolved_share)
+    reason = np.select(
+        [whole & own, whole, evidence & ~material, evidence],
+        [
+            "randomise whole: its own pooled test shows substitution its edges do not carry",
+            "randomise whole: the market shows substitution and this block likely shares it; its edges do not carry it",
+            "edges only: substitution shown but immaterial (below min_cross_elasticity)",
+            "edges: they carry most of the substitution the block shows",
+        ],
+        default="edges only: no evidence of substitution beyond its edges",
+    )
+    out["posterior_z"] = posterior_mean
+    out["posterior_probability"] = probability
+    out["cross_elasticity_estimate"] = estimate
+    out["pooled_detectable_elasticity"] = detectable
+    out["resolved_share"] = resolved
+    out["evidence"] = evidence
+    out["randomise_whole"] = whole
+    # exposure is the block's treated share where substitution is more likely than not and the
+    # edges do not carry it: the blocks randomised whole, and (in a market that shows substitution)
+    # the blocks that fell short of the posterior needed to randomise them whole
+    out["exposure_by_block"] = whole | (
+        pooled & (np.nan_to_num(probability) >= 0.5) & (resolved < rule.min_resolved_share)
+    )
+    out["reason"] = reason
+    out["market_z"] = market_z  # the snapshot-wide pooled test, on every row
+    out["market_pooled"] = bool(pooled)
+    return out
 
 
 def _edge_schema() -> T.StructType:
@@ -445,6 +729,7 @@ def _edge_schema() -> T.StructType:
             T.StructField("weight", T.DoubleType()),
             T.StructField("corr", T.DoubleType()),
             T.StructField("n_days", T.IntegerType()),
+            T.StructField("evidence", T.StringType()),
             T.StructField("snapshot_date", T.DateType()),
         ]
     )
@@ -472,3 +757,57 @@ def graph_summary(edges: DataFrame) -> dict:
             q: (float(row[q]) if row[q] is not None else None) for q in ("min", "p25", "median", "p75", "p90", "max")
         },
     }
+
+
+def power_summary(blocks: pd.DataFrame, max_rows: int = 40) -> dict:
+    """What the graph could see: per-block power and evidence as metadata, a table and warnings.
+
+    blocks: `block_evidence` rows. Warnings name what a user must know before trusting a
+    cluster design: blocks whose pair tests cannot see the substitution they likely have, and a
+    market where substitution is shown but neither edges nor blocks could be resolved.
+    """
+    if blocks.empty:
+        return {"blocks": 0, "warnings": ["no block had enough history to be tested"], "table": ""}
+    whole = blocks["randomise_whole"].astype(bool)
+    evidence = blocks["evidence"].astype(bool)
+    summary = {
+        "blocks": int(len(blocks)),
+        "pairs_tested": int(blocks["pairs_tested"].sum()),
+        "edges": int(blocks["edges"].sum()),
+        "edges_by_shrinkage": int(blocks["edges_by_shrinkage"].sum()),
+        "blocks_with_evidence": int(evidence.sum()),
+        "blocks_randomised_whole": int(whole.sum()),
+        "market_pooled_z": float(blocks["market_z"].iloc[0]),
+        "median_pair_detectable_elasticity": float(np.nanmedian(blocks["pair_detectable_elasticity"])),
+        "median_pooled_detectable_elasticity": float(np.nanmedian(blocks["pooled_detectable_elasticity"])),
+    }
+    warnings = []
+    if whole.any():
+        warnings.append(
+            f"{int(whole.sum())} of {len(blocks)} blocks show substitution their pair edges cannot resolve "
+            f"(pair tests detect a cross elasticity of about {summary['median_pair_detectable_elasticity']:.2f} "
+            "at 80% power); they are randomised whole, which costs standard error"
+        )
+    unresolved = evidence & ~whole & (blocks["resolved_share"] < 0.5)
+    if unresolved.any():
+        warnings.append(
+            f"{int(unresolved.sum())} block(s) show substitution that is judged immaterial and stay on their edges: "
+            "cluster randomisation there is close to product randomisation"
+        )
+    if summary["edges"] == 0 and not whole.any():
+        warnings.append(
+            "no substitution found: clusters will be singletons and cluster randomisation equals product "
+            f"randomisation; the data could detect pair cross elasticities of about "
+            f"{summary['median_pair_detectable_elasticity']:.2f} and per-product totals of about "
+            f"{summary['median_pooled_detectable_elasticity']:.2f} (80% power)"
+        )
+    columns = ["block", "products", "pairs_tested", "edges", "pair_detectable_elasticity", "pooled_z",
+               "pooled_detectable_elasticity", "cross_elasticity_estimate", "resolved_share", "randomise_whole"]
+    shown = blocks.sort_values("block").head(max_rows)[columns]
+    header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    body = "".join(
+        "| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |\n"
+        for row in shown.itertuples(index=False)
+    )
+    more = f"\n({len(blocks) - max_rows} more blocks)\n" if len(blocks) > max_rows else ""
+    return {**summary, "warnings": warnings, "table": header + body + more}

@@ -93,9 +93,11 @@ def effects_png(table: pd.DataFrame) -> bytes:
 
 
 def report_markdown(
-    table: pd.DataFrame, problems: dict[str, str], as_of, exposure: pd.DataFrame | None = None
+    table: pd.DataFrame, problems: dict[str, str], as_of, exposure: pd.DataFrame | None = None,
+    graph_power: dict | None = None,
 ) -> str:
     """The report as Markdown: the table, exposure conditions behind the spillover estimate,
+    what the substitution graph could see (`graph.power_summary` of the latest snapshot),
     experiments that could not be estimated, and why."""
     lines = [f"# pricelab experiment report (sales up to {as_of})", "", format_table(table), ""]
     if exposure is not None and not exposure.empty:
@@ -105,9 +107,26 @@ def report_markdown(
             "",
             format_table(wide.reset_index()),
             "",
-            "Exposure is measured on the substitution graph: substitutes it did not detect count as "
-            "unexposed, so the spillover estimate understates the true spillover, most of all in "
-            "cluster-randomised experiments (their remaining spillover runs mostly through such edges).",
+            "Exposure is measured on the substitution graph's edges and, in blocks randomised whole "
+            "for their pooled evidence, on the treated share of the block. Substitutes neither could "
+            "detect count as unexposed, so the spillover estimate understates spillover in blocks "
+            "without evidence; see the graph's power below for the smallest cross elasticity it could see.",
+            "",
+        ]
+    if graph_power:
+        lines += [
+            f"## What the substitution graph could see (snapshot {graph_power.get('snapshot_date', '')})",
+            "",
+            f"{graph_power['pairs_tested']} candidate pairs tested in {graph_power['blocks']} blocks; "
+            f"{graph_power['edges']} edges ({graph_power['edges_by_shrinkage']} by within-block shrinkage). "
+            f"Pair tests detect a cross elasticity of about {graph_power['median_pair_detectable_elasticity']:.2f} "
+            f"with 80% power; a block's pooled test a per-product total of about "
+            f"{graph_power['median_pooled_detectable_elasticity']:.2f}. Market-wide pooled z: "
+            f"{graph_power['market_pooled_z']:.1f}. Blocks randomised whole: {graph_power['blocks_randomised_whole']}.",
+            "",
+            *[f"- **Warning:** {w}" for w in graph_power["warnings"]],
+            "",
+            graph_power["table"],
             "",
         ]
     if "carryover_flag" in table.columns and table["carryover_flag"].fillna(False).astype(bool).any():

@@ -4,11 +4,15 @@
 `k8s://...`); `PRICELAB_SPARK_REMOTE` (`sc://host:15002`) picks Spark Connect instead (`local`
 starts an embedded Connect server, which the tests use to prove the Connect path). Both the
 Dagster resource and the tests call `get_spark`, so code runs the same way everywhere.
+
+Extra JVM jars (GraphFrames, fetched by `make setup` into ./jars) are passed in as local paths and
+set as `spark.jars`: nothing is downloaded when a session starts.
 """
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
@@ -38,16 +42,25 @@ RUNTIME_SQL_SETTINGS = (
 )
 
 
+def jar_files(directory: str | Path | None) -> list[str]:
+    """The *.jar files directly in `directory`, sorted; [] when it is None or does not exist."""
+    if directory is None or not Path(directory).is_dir():
+        return []
+    return sorted(str(path.resolve()) for path in Path(directory).glob("*.jar"))
+
+
 def get_spark(
     master: str | None = None,
     remote: str | None = None,
     app_name: str = "pricelab",
     conf: dict[str, str] | None = None,
+    jars: list[str] | None = None,
 ) -> SparkSession:
     """Return the process's SparkSession, creating it on first use.
 
     `remote` (a Spark Connect URL) wins over `master`. Unset arguments fall back to the
-    environment variables above, then to an embedded `local[*]` session.
+    environment variables above, then to an embedded `local[*]` session. `jars`: local jar paths
+    for `spark.jars` on a classic session (a Connect server has its own classpath: ignored there).
     """
     # Python workers (pandas UDFs) must use this interpreter, with its packages.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -61,6 +74,8 @@ def get_spark(
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = builder.master(master)
         settings = dict(LOCAL_DEFAULTS) if master.startswith("local") else {}
+        if jars:
+            settings["spark.jars"] = ",".join(jars)
         settings.update(conf or {})
         for key, value in settings.items():
             builder = builder.config(key, value)
@@ -74,11 +89,22 @@ def get_spark(
     return spark
 
 
-def graphframes_available(spark: SparkSession) -> bool:
-    """True when the GraphFrames JVM classes are on the classpath (never downloads anything)."""
+def graphframes_missing_reason(spark: SparkSession) -> str | None:
+    """None when the GraphFrames JVM classes are on the session's classpath, else why not.
+
+    Only looks: never downloads anything.
+    """
     try:
         jvm = spark.sparkContext._jvm  # classic sessions only; Connect has no JVM handle
-        jvm.java.lang.Class.forName("org.graphframes.GraphFrame")
-        return True
     except Exception:
-        return False
+        return "a Spark Connect session has no driver JVM to look in (the server needs the GraphFrames Connect plugin)"
+    try:
+        jvm.java.lang.Class.forName("org.graphframes.GraphFrame")
+    except Exception:
+        return "the GraphFrames JVM jar is not on the Spark classpath (org.graphframes.GraphFrame not found)"
+    return None
+
+
+def graphframes_available(spark: SparkSession) -> bool:
+    """True when the GraphFrames JVM classes are on the classpath (never downloads anything)."""
+    return graphframes_missing_reason(spark) is None

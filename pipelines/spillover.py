@@ -127,6 +127,32 @@ def _neighbour_matrix(edges: pd.DataFrame, product_ids: np.ndarray) -> sparse.cs
     return sparse.diags(scale) @ sub, total[position] > 0
 
 
+def exposure_edges(edges: pd.DataFrame, blocks: pd.DataFrame | None, catalog: pd.DataFrame) -> pd.DataFrame:
+    """The neighbours exposure is mapped on: the graph's edges, and whole blocks where evidence says so.
+
+    A block whose substitution is likely but not carried by its edges (`blocks.exposure_by_block`,
+    from `graph.block_evidence`: the blocks randomised whole and, in a market that shows
+    substitution, those just short of it) has its own edges replaced by every pair of its members
+    at equal weight: a product's exposure there is the treated share of its block. Edges leaving
+    the block stay. catalog: product_id, subclass.
+    """
+    column = "exposure_by_block" if blocks is not None and "exposure_by_block" in blocks.columns else "randomise_whole"
+    if blocks is None or blocks.empty or not blocks[column].any():
+        return edges[["src", "dst", "weight"]]
+    whole = set(blocks.loc[blocks[column].astype(bool), "block"].astype(str))
+    block_of = catalog.assign(product_id=catalog["product_id"].astype(str)).set_index("product_id")["subclass"].astype(str)
+    src_block = block_of.reindex(edges["src"].astype(str)).to_numpy()
+    dst_block = block_of.reindex(edges["dst"].astype(str)).to_numpy()
+    inside = (src_block == dst_block) & pd.Series(src_block).isin(whole).to_numpy()
+    kept = edges.loc[~inside, ["src", "dst", "weight"]]
+    pairs = []
+    for block, ids in block_of[block_of.isin(whole)].groupby(block_of[block_of.isin(whole)]):
+        members = np.sort(ids.index.to_numpy())
+        a, b = np.triu_indices(len(members), 1)
+        pairs.append(pd.DataFrame({"src": members[a], "dst": members[b], "weight": 1.0}))
+    return pd.concat([kept, *pairs], ignore_index=True)
+
+
 def condition_of(treated: np.ndarray, exposure: np.ndarray, mostly_treated_share: float) -> np.ndarray:
     """Exposure condition codes (index into `CONDITIONS`), elementwise; works on (draws x products)."""
     some = exposure > 1e-12
@@ -406,6 +432,7 @@ def estimate_spillover(
     mostly_treated_share: float = 0.5,
     min_probability: float = 0.01,
     min_exposed_controls: int = 5,
+    max_unsupported_share: float = 0.25,
 ) -> dict:
     """Spillover, direct and global effects of one between-product experiment by inverse
     probability weighting over its exposure conditions (module docstring has the definitions).
@@ -422,6 +449,10 @@ def estimate_spillover(
     spillover_effect_ht, spillover_se_ht, direct_effect_ht/_hajek (+ _se), global_effect_ht/
     _hajek (+ _se), exposure_counts (products per condition, plus isolated), n_stabilised,
     n_not_estimable (per contrast), exposed_control_share, n_redraws, message ('' when fine).
+    Not estimable (NaN, with a message) when more than `max_unsupported_share` of the exposed
+    controls were unexposed in none of the redraws (positivity fails: e.g. exposure by block share
+    under product randomisation, where every control has about half its block treated; a few
+    high-degree products are left to the probability floor).
     Raises ValueError when the redraw of the experiment's own seed does not reproduce the
     published arms (wrong units/strata/spec) or the design is not drawn once.
     """
@@ -496,7 +527,18 @@ def estimate_spillover(
     spill = _contrast(draws, realised, y, CST, CNT, a_spill, float(np.sum(np.where(observed, 1.0 - np.mean(treated_draws, axis=0), 0.0))), min_probability)
     share_exposed = spill["n_k"] / max(control.sum(), 1)
     result["exposed_control_share"] = float(share_exposed)
-    if spill["n_k"] < min_exposed_controls or spill["n_l"] == 0:
+    exposed = (realised == CST) & observed
+    unsupported = exposed & (pi[CNT] == 0)  # unexposed in none of the redraws
+    if not (a_spill[control] > 0).any():
+        messages.append("spillover 0 by design: no control can ever be exposed to a treated neighbour "
+                        "(every neighbour, by edge or block evidence, shares its unit)")
+        result.update(spillover_effect=0.0, spillover_se=0.0, spillover_effect_ht=0.0, spillover_se_ht=0.0)
+    elif unsupported.sum() > max_unsupported_share * max(exposed.sum(), 1):
+        messages.append(f"spillover not estimable: {int(unsupported.sum())} of {int(exposed.sum())} exposed controls were "
+                        f"unexposed in none of {n_redraws} redraws of the design; their spillover has no design-based "
+                        "counterfactual")
+        result.update(spillover_effect=np.nan, spillover_se=np.nan, spillover_effect_ht=np.nan, spillover_se_ht=np.nan)
+    elif spill["n_k"] < min_exposed_controls or spill["n_l"] == 0:
         messages.append(f"spillover not estimable: {spill['n_k']} exposed control(s) (need >= {min_exposed_controls}) "
                         f"and {spill['n_l']} unexposed")
         result.update(spillover_effect=np.nan, spillover_se=np.nan, spillover_effect_ht=np.nan, spillover_se_ht=np.nan)

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+# `make setup` copies the pinned JVM jars (GraphFrames) here; the session loads them from disk.
+PROJECT_JARS_DIR = Path(__file__).resolve().parents[1] / "jars"
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
@@ -11,8 +15,10 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 @pytest.fixture(scope="session")
 def spark():
-    from pipelines.spark import get_spark
+    from pipelines.spark import get_spark, jar_files
 
-    session = get_spark(app_name="pricelab-tests", conf={"spark.sql.shuffle.partitions": "2"})
+    session = get_spark(
+        app_name="pricelab-tests", conf={"spark.sql.shuffle.partitions": "2"}, jars=jar_files(PROJECT_JARS_DIR)
+    )
     yield session
     session.stop()

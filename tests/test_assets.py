@@ -14,7 +14,9 @@ from jobs.resources import SparkResource, WarehouseResource
 from pipelines.simulation import MarketConfig, write_demo_inputs
 from pipelines.storage import Warehouse
 
-TINY = MarketConfig(n_products=100, n_subclasses=5, history_start=dt.date(2025, 9, 3), history_days=120, seed=3)
+# Four subclasses per category: a cluster design can randomise whole subclasses (block evidence)
+# and still have two units per arm.
+TINY = MarketConfig(n_products=100, n_subclasses=20, history_start=dt.date(2025, 9, 3), history_days=120, seed=3)
 RANGE = {"dagster/asset_partition_range_start": "2026-01-05", "dagster/asset_partition_range_end": "2026-02-15"}
 ALL_ASSETS = dg.load_assets_from_modules([inputs, graph, clustering, assignments, simulation, estimation, report])
 

@@ -141,13 +141,15 @@ def test_no_edge_across_subclasses_by_default(market, default_edges):
 def test_output_schema_and_edge_contract(default_edges):
     spark_edges, edges = default_edges
     types = dict(spark_edges.dtypes)
-    assert list(spark_edges.columns) == ["src", "dst", "weight", "corr", "n_days", "snapshot_date"]
+    assert list(spark_edges.columns) == ["src", "dst", "weight", "corr", "n_days", "evidence", "snapshot_date"]
+    assert set(edges["evidence"]) <= {"pair_test", "block_shrinkage"}
     assert types == {
         "src": "string",
         "dst": "string",
         "weight": "double",
         "corr": "double",
         "n_days": "int",
+        "evidence": "string",
         "snapshot_date": "date",
     }
     assert (edges["src"] < edges["dst"]).all()

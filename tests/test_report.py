@@ -39,7 +39,7 @@ def test_report_markdown_lists_unestimated_experiments_and_exposure():
     exposure = pd.DataFrame({"experiment": ["by-product"] * 2, "condition": ["control_exposed", "treated"], "products": [4, 5]})
     text = report.report_markdown(table, {"late": "no sales yet"}, "2026-02-15", exposure)
     assert "`late`: no sales yet" in text and "control_exposed" in text and "| by-cluster" in text
-    assert "understates the true spillover" in text  # the reader is told what the estimate cannot see
+    assert "understates spillover in blocks without evidence" in text  # the reader is told what it cannot see
     assert report.effects_png(table)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -52,3 +52,17 @@ def test_report_names_the_counterfactual_and_flags_carryover():
     text = report.report_markdown(table, {}, "2026-02-15")
     assert "## Carryover" in text and "`by-product` (random_days)" in text and "-0.400" in text
     assert "by-cluster` (" not in text.split("## Carryover")[1]  # not flagged, not listed
+
+
+def test_report_says_what_the_graph_could_see():
+    from pipelines import graph
+
+    blocks = graph.block_evidence(pd.DataFrame({
+        "block": ["a", "b"], "pooled_z": [0.5, 0.2], "pooled_z_per_elasticity": [3.0, 3.0],
+        "z_all": [10.0, 5.0], "z_edges": [0.0, 0.0],
+    })).assign(products=25, pairs_tested=300, edges=0, edges_by_shrinkage=0, pair_detectable_elasticity=1.2)
+    power = graph.power_summary(blocks)
+    assert power["edges"] == 0 and power["median_pair_detectable_elasticity"] == 1.2
+    assert any("cluster randomisation equals product randomisation" in w for w in power["warnings"])
+    text = report.report_markdown(report.results_table(_results()), {}, "2026-02-15", graph_power=power)
+    assert "What the substitution graph could see" in text and "1.20" in text and "**Warning:**" in text

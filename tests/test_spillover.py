@@ -208,3 +208,14 @@ def test_few_exposed_controls_are_reported_not_estimated(market):
     result, _, _ = _run(market, "cluster", 1, min_exposed_controls=10_000)
     assert np.isnan(result["spillover_effect"]) and np.isnan(result["spillover_se"])
     assert "spillover not estimable" in result["message"]
+
+
+def test_block_share_exposure_under_product_randomisation_is_not_estimable(market):
+    """Every control has about half its block treated: none is ever unexposed, so no number."""
+    world = market[0]
+    spec, rows, fd, _, _ = _INPUTS.get(("product", 1)) or _inputs(market, "product", 1)
+    blocks = pd.DataFrame({"block": world.catalog["subclass"].unique(), "exposure_by_block": True})
+    edges = spillover.exposure_edges(world.true_edges.rename(columns={"cross_elasticity": "weight"}), blocks, world.catalog)
+    result = spillover.estimate_spillover(fd, rows, edges, spec, catalog=world.catalog, n_redraws=100)
+    assert np.isnan(result["spillover_effect"])
+    assert "unexposed in none of 100 redraws" in result["message"]

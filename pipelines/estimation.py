@@ -74,6 +74,8 @@ FIRST_DIFFERENCE_SCHEMA = T.StructType(
 COUNTERFACTUALS = ("trend+seasonality", "pooled", "level_2w", "level_4w", "level_8w", "level_4w+weekday", "blend")
 BLENDED = ("trend+seasonality", "level_4w+weekday")  # "blend" is the mean of these two predictions
 # covariates of the regression adjustment (CUPED-style), when present in the first differences
+MIN_FACTOR_DAYS = 7  # pre-period days a known factor must move on to be fitted
+MAX_FACTOR_EFFECT = 5.0  # largest plausible known-factor effect, in units per unit of factor, x the product's mean
 ADJUSTMENT_COVARIATES = ("pre_mean", "recent_mean", "placebo", "recent_gap")
 
 
@@ -333,8 +335,11 @@ def product_first_difference(
                 reference = np.nanmedian(values[~in_window]) if np.isfinite(values[~in_window]).any() else np.nan
                 values = values - reference
             values = np.where(np.isfinite(values), values, 0.0)
-            if np.ptp(values[~in_window]) > 0:
-                factors.append(values)
+            pre_values = values[~in_window]
+            # identified only if it moved on enough pre-period days; never extrapolated beyond
+            # the range the pre-period saw (a regular-price step after a flat history would be)
+            if (np.abs(pre_values - np.median(pre_values)) > 1e-9).sum() >= MIN_FACTOR_DAYS:
+                factors.append(np.clip(values, pre_values.min(), pre_values.max()))
                 names.append("event" if column == "event_on" else "price")
     adjusted = y
     if factors:
@@ -345,7 +350,13 @@ def product_first_difference(
         design = np.column_stack([base, z[~in_window]])
         if len(pre_y) >= 2 * design.shape[1]:
             coef, *_ = np.linalg.lstsq(design, pre_y, rcond=None)
-            adjusted = y - z @ coef[base.shape[1]:]
+            effect = coef[base.shape[1]:]
+            # a factor whose fitted effect is implausible (more than MAX_FACTOR_EFFECT x the
+            # product's mean per unit: an elasticity beyond 5, an event more than doubling sales)
+            # is confounded with something else in a short history: left out
+            plausible = np.abs(effect) <= MAX_FACTOR_EFFECT * max(abs(float(pre_y.mean())), 1e-9)
+            adjusted = y - z[:, plausible] @ effect[plausible]
+            names = [n for n, ok in zip(names, plausible) if ok]
         else:
             names = []
     adj_pre = adjusted[~in_window]

@@ -275,8 +275,9 @@ def test_hpte_on_the_simulator_covers_the_direct_effect():
 from pipelines import simulation  # noqa: E402
 
 REGIME_NAMES = tuple(getattr(simulation, "REGIMES", {"default": None}))
-# measured on these seeds (see test docstring); the ceilings sit a little above
-SE_RATIO_CEILING = {"time_bound": 10.0, "random_days": 10.0}
+# measured on these seeds: time_bound 0.75 (default), 0.82 (weak), 0.81 (no_substitutes); random_days
+# 0.97, 0.85, 0.92; the ceilings sit a little above
+SE_RATIO_CEILING = {"time_bound": 0.85, "random_days": 1.0}
 
 
 def _cuped_reference(window: pd.DataFrame, pre: pd.DataFrame, design: str) -> float:

@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := False
 export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup java maven demo test test-fast ui lock clean-data validate
+.PHONY: setup java maven demo test test-fast ui lock clean-data validate bench-setup
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ setup: $(VENV)/.installed java jars/.fetched $(DAGSTER_HOME)/dagster.yaml
 
 demo: setup
 	PRICELAB_DEMO=1 $(PY) -m jobs.demo
+
+# the benchmark's peer estimators (pyproject's optional group `bench`), into the same venv
+bench-setup: setup
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -c requirements.lock -e ".[bench]"
 
 test: setup
 	$(PY) -m pytest -q

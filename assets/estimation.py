@@ -39,11 +39,12 @@ def experiment_sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 
 @dg.asset(
     group_name="results",
-    deps=["experiment_sales", "daily_assignments", "experiments", "catalog"],
+    deps=["experiment_sales", "daily_assignments", "experiments", "catalog", "trigger_events"],
     required_resource_keys={"spark", "warehouse"},
 )
 def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    """Per experiment and product: the detrended first difference and pre-period features."""
+    """Per experiment and product: the first difference against the counterfactual its pool's
+    back-test chose (trigger events and untreated prices known), and pre-period features."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     specs = warehouse.read(spark, "experiments").toPandas()
     designs = dict(zip(specs["name"], specs["design"]))
@@ -54,6 +55,7 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
         designs,
         metrics,
         catalog=warehouse.read(spark, "catalog"),  # short-history products pool within their subclass
+        events=warehouse.read(spark, "trigger_events") if warehouse.exists("trigger_events") else None,
     )
     warehouse.write(fd, "first_differences")
     stored = warehouse.read(spark, "first_differences")
@@ -63,9 +65,13 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
         .join(enrolled, "experiment", "right").fillna(0).toPandas()
     )
     context.log.info("first differences per experiment:\n" + per_experiment.to_string(index=False))
+    chosen = stored.groupBy("experiment", "counterfactual").count().toPandas()
+    counterfactuals = {name: dict(zip(rows["counterfactual"], rows["count"].astype(int)))
+                       for name, rows in chosen.groupby("experiment")}
     return dg.MaterializeResult(
         metadata={
             "products_per_experiment": dg.MetadataValue.json(per_experiment.set_index("experiment").to_dict(orient="index")),
+            "counterfactual_chosen": dg.MetadataValue.json(counterfactuals),  # products per back-test winner
             "note": "products enrolled but without a first difference lack pre-period history or window days",
         }
     )
@@ -157,6 +163,15 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
                 )
             ),
             "heterogeneity": dg.MetadataValue.md("\n\n".join(heterogeneity.values()) or "no HPTE fit"),
+            "precision": dg.MetadataValue.md(
+                "\n".join(
+                    f"- **{r.experiment}** ({r.estimator}): counterfactual {r.counterfactual}; regression adjustment "
+                    f"removed {r.variance_reduction:.0%} of the variance"
+                    + (f"; carryover {r.carryover_estimate:+.3f} (SE {r.carryover_se:.3f}){' FLAGGED' if r.carryover_flag else ''}"
+                       if pd.notna(r.carryover_estimate) else "")
+                    for r in results.itertuples()
+                )
+            ),
             "spillover": dg.MetadataValue.json(spillover_notes),
         }
     )

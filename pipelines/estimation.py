@@ -45,15 +45,46 @@ FIRST_DIFFERENCE_SCHEMA = T.StructType(
         T.StructField("pre_sd", T.DoubleType()),
         T.StructField("pre_trend", T.DoubleType()),
         T.StructField("model", T.StringType()),
+        # counterfactual chosen by back-test per pool (`choose_counterfactual`)
+        T.StructField("pool", T.StringType()),
+        T.StructField("counterfactual", T.StringType()),
+        T.StructField("backtest_error", T.DoubleType()),
+        T.StructField("candidate_fd", T.ArrayType(T.DoubleType())),
+        T.StructField("candidate_error", T.ArrayType(T.DoubleType())),
+        T.StructField("candidate_placebo", T.ArrayType(T.DoubleType())),
+        T.StructField("candidate_carryover", T.ArrayType(T.DoubleType())),
+        # regression-adjustment covariates and design details
+        T.StructField("recent_mean", T.DoubleType()),
+        T.StructField("placebo", T.DoubleType()),
+        T.StructField("recent_gap", T.DoubleType()),
+        T.StructField("sequence", T.StringType()),
+        T.StructField("carryover_difference", T.DoubleType()),
+        T.StructField("after_treated_share", T.DoubleType()),
+        T.StructField("known_factors", T.StringType()),
     ]
 )
+
+# Counterfactual candidates, in this order in the candidate_* arrays. "trend+seasonality" is the
+# history rule of `CounterfactualSettings` (own yearly model, or pooled shape, or own trend/level
+# with weekday); "pooled" is the pool's shape for every product; "level_Kw" the mean of the last
+# K weeks; "level_4w+weekday" that level with the product's weekday pattern; "blend" the mean of
+# the history rule's and level_4w+weekday's predictions. The pooled shape competes only for products
+# whose history is too short for their own yearly model: it is fitted on the whole pre-period of the
+# pool, so for the others its back-test would have seen the stretches it predicts.
+COUNTERFACTUALS = ("trend+seasonality", "pooled", "level_2w", "level_4w", "level_8w", "level_4w+weekday", "blend")
+BLENDED = ("trend+seasonality", "level_4w+weekday")  # "blend" is the mean of these two predictions
+# covariates of the regression adjustment (CUPED-style), when present in the first differences
+MIN_FACTOR_DAYS = 7  # pre-period days a known factor must move on to be fitted
+MAX_FACTOR_EFFECT = 5.0  # largest plausible known-factor effect, in units per unit of factor, x the product's mean
+ADJUSTMENT_COVARIATES = ("pre_mean", "recent_mean", "placebo", "recent_gap")
 
 
 @dataclass(frozen=True)
 class CounterfactualSettings:
     """How much history a product needs and which counterfactual model it gets.
 
-    The rule, by the number n of pre-period days the product has (at most `pre_days`):
+    The history rule ("trend+seasonality"), by the number n of pre-period days the product has (at
+    most `pre_days`):
     - n >= `yearly_min_days`: its own model, trend + day of week + one yearly harmonic;
     - `min_pre_days` <= n < `yearly_min_days` and its pool has >= `min_pool_products` products
       with a full-model history: pooled, y_it = a_i * s_pool(t), where s_pool is the pool's
@@ -64,6 +95,18 @@ class CounterfactualSettings:
     - same history but no usable pool: own trend + day of week when n >= `own_trend_min_days`,
       own level + day of week below that;
     - n < `min_pre_days`: no first difference; the product is left out (counted upstream).
+
+    Back-test: every candidate of `COUNTERFACTUALS` predicts the `backtest_windows` stretches of
+    the pre-period just before the experiment that have the experiment window's length, fitted
+    only on days before each stretch; its error is the mean square of the first difference it
+    makes there with the product's own day pattern (a placebo: no treatment then). Per pool the
+    candidate with the lowest mean error wins (`choose_counterfactual`).
+
+    Known factors, removed before any candidate is fitted: trigger events (a product-day within
+    `event_days` of the start of an event of the product) and the product's own untreated price
+    (log price / (1 + price_change) on treated days): their effects in units are fitted on the
+    product's pre-period alone (with its trend and seasonality), so an event or a promotion in the
+    window is not mistaken for treatment or noise.
     """
 
     pre_days: int = 365
@@ -71,6 +114,9 @@ class CounterfactualSettings:
     yearly_min_days: int = 300
     own_trend_min_days: int = 91
     min_pool_products: int = 5
+    backtest_windows: int = 3
+    event_days: int = 7
+    known_factors: bool = True
 
 
 _TREND_EPOCH = pd.Timestamp("2020-01-01")  # origin of the pooled profile's trend (years)
@@ -137,73 +183,326 @@ def _empty_first_difference() -> pd.DataFrame:
     return pd.DataFrame(columns=[f.name for f in FIRST_DIFFERENCE_SCHEMA.fields])
 
 
+def _weekday(days: np.ndarray) -> np.ndarray:
+    return (days.astype(np.int64) + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+
+
+class _Candidates:
+    """Fits and predictions of every counterfactual candidate for one product's (adjusted) series."""
+
+    def __init__(self, family: str, pool_coef, settings: CounterfactualSettings):
+        self.family, self.pool_coef, self.settings = family, pool_coef, settings
+
+    def _own(self, fit_days, fit_y, target_days, origin, yearly: bool, trend: bool):
+        fit_index = (fit_days - origin).astype(np.int64).astype(float)
+        target_index = (target_days - origin).astype(np.int64).astype(float)
+        design = _design_matrix(fit_index, fit_days, yearly, trend)
+        if len(fit_y) < 2 * design.shape[1]:
+            return None, 0.0
+        coef, *_ = np.linalg.lstsq(design, fit_y, rcond=None)
+        return _design_matrix(target_index, target_days, yearly, trend) @ coef, (coef[1] if trend else 0.0)
+
+    def _pooled(self, fit_days, fit_y, target_days):
+        if self.pool_coef is None:
+            return None, 0.0
+        shape_fit = _profile_matrix(fit_days) @ self.pool_coef
+        scale = float(shape_fit @ fit_y / max(float(shape_fit @ shape_fit), 1e-12))
+        return scale * (_profile_matrix(target_days) @ self.pool_coef), scale * self.pool_coef[1]
+
+    def seasonal_shape(self, days, y, origin) -> None:
+        """Fix the own yearly model's weekday and yearly shape from `days` (for a back-test window:
+        the pre-period without that window, before and after it): the back-test's shorter fits then
+        refit only level and trend on the days before the window (a yearly harmonic is not
+        identified from a few months), so the candidate is judged as it is used, and the window
+        it predicts never enters its fit."""
+        self.shape = None
+        if self.family == "trend+weekly+yearly":
+            index = (days - origin).astype(np.int64).astype(float)
+            design = _design_matrix(index, days, True, True)
+            if len(y) >= 2 * design.shape[1]:
+                self.shape = np.linalg.lstsq(design, y, rcond=None)[0][2:]
+
+    def _own_yearly(self, fit_days, fit_y, target_days, origin):
+        if getattr(self, "shape", None) is None:
+            return self._own(fit_days, fit_y, target_days, origin, True, True)
+        fit_index = (fit_days - origin).astype(np.int64).astype(float)
+        target_index = (target_days - origin).astype(np.int64).astype(float)
+        seasonal_fit = _design_matrix(fit_index, fit_days, True, True)[:, 2:] @ self.shape
+        level_trend = np.column_stack([np.ones(len(fit_days)), fit_index / 365.0])
+        coef, *_ = np.linalg.lstsq(level_trend, fit_y - seasonal_fit, rcond=None)
+        target = _design_matrix(target_index, target_days, True, True)
+        return target[:, :2] @ coef + target[:, 2:] @ self.shape, coef[1]
+
+    def predict(self, name: str, fit_days, fit_y, target_days, origin):
+        """(prediction on target_days, trend per year) or (None, 0) when the candidate cannot fit."""
+        if len(fit_y) < self.settings.min_pre_days:
+            return None, 0.0
+        if name == "trend+seasonality":
+            if self.family == "trend+weekly+yearly":
+                return self._own_yearly(fit_days, fit_y, target_days, origin)
+            if self.family == "pooled":
+                return self._pooled(fit_days, fit_y, target_days)
+            return self._own(fit_days, fit_y, target_days, origin, False, self.family == "trend+weekly")
+        if name == "pooled":
+            return self._pooled(fit_days, fit_y, target_days)
+        cutoff = fit_days.max() + 1
+        if name.startswith("level_"):
+            weeks = int(name[len("level_"):].split("w")[0])
+            recent = fit_days >= cutoff - 7 * weeks
+            if recent.sum() < 7 * weeks // 2:
+                return None, 0.0
+            level = float(fit_y[recent].mean())
+            if not name.endswith("+weekday"):
+                return np.full(len(target_days), level), 0.0
+            dow = _weekday(fit_days)
+            deviation = fit_y - fit_y.mean()
+            counts = np.bincount(dow, minlength=7)
+            offset = np.where(counts > 0, np.bincount(dow, weights=deviation, minlength=7) / np.maximum(counts, 1), 0.0)
+            return level - offset[dow[recent]].mean() + offset[_weekday(target_days)], 0.0
+        raise ValueError(f"unknown counterfactual candidate {name!r}")
+
+
+def _window_statistic(residual: np.ndarray, role: np.ndarray, switchback: bool) -> float:
+    """The first difference of residuals on days with role 1 (treated) / 0 (control)."""
+    if switchback:
+        treated, control = role == 1, role == 0
+        if not treated.any() or not control.any():
+            return np.nan
+        return float(residual[treated].mean() - residual[control].mean())
+    used = role >= 0
+    return float(residual[used].mean()) if used.any() else np.nan
+
+
+def _after_treated(window_days: np.ndarray, all_days: np.ndarray, all_treated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per window day: (the previous calendar day is enrolled, it was treated)."""
+    previous = window_days - 1
+    position = np.searchsorted(all_days, previous)
+    known = (position < len(all_days)) & (all_days[np.minimum(position, len(all_days) - 1)] == previous)
+    previous_treated = np.where(known, all_treated[np.minimum(position, len(all_days) - 1)], False)
+    return known, previous_treated
+
+
+def _carryover_difference(residual: np.ndarray, role: np.ndarray, known: np.ndarray, previous_treated: np.ndarray) -> float:
+    """Mean residual of control days right after a treated day minus control days after a control day."""
+    control = role == 0
+    after_treated, after_control = control & known & previous_treated, control & known & ~previous_treated
+    if not after_treated.any() or not after_control.any():
+        return np.nan
+    return float(residual[after_treated].mean() - residual[after_control].mean())
+
+
 def product_first_difference(
     panel: pd.DataFrame, switchback: bool, settings: CounterfactualSettings, pool_coef=None
 ) -> pd.DataFrame:
-    """One product's first difference from its rows (date, y, arm, blackout, in_window).
+    """One product's first difference from its rows (date, y, arm, blackout, in_window[, event_on, log_price]).
 
     `arm` is null on pre-period rows. `pool_coef` is its pool's profile (`pool_profile`), used
     when the product's own history is short (rule in `CounterfactualSettings`); when None, a
-    `pool_coef` column of the panel is used if present. Returns an empty frame when the product
-    lacks history or (switchback) lacks either arm in the window.
+    `pool_coef` column of the panel is used if present. `event_on` (trigger event in force) and
+    `log_price` (untreated log price) are the known factors. Every candidate of
+    `COUNTERFACTUALS` gives a first difference (`candidate_fd`) and a back-test error
+    (`candidate_error`); `first_difference` is the history rule's until `choose_counterfactual`
+    picks per pool. Returns an empty frame when the product lacks history or (switchback) lacks
+    either arm in the window.
     """
     panel = panel.sort_values("date")
     if pool_coef is None and "pool_coef" in panel.columns:
         pool_coef = panel["pool_coef"].iloc[0]
     pool_coef = None if pool_coef is None or len(pool_coef) == 0 else np.asarray(pool_coef, dtype=float)
-    pre = panel[~panel["in_window"].astype(bool)]
-    window = panel[panel["in_window"].astype(bool) & ~panel["blackout"].astype(bool)]
-    if len(pre) < settings.min_pre_days or window.empty:
+    in_window = panel["in_window"].astype(bool).to_numpy()
+    blackout = panel["blackout"].astype(bool).to_numpy()
+    used = in_window & ~blackout
+    n_pre = int((~in_window).sum())
+    if n_pre < settings.min_pre_days or not used.any():
         return _empty_first_difference()
-    pre_y = pre["y"].to_numpy(dtype=float)
-    pre_days, window_days = _days(pre["date"]), _days(window["date"])
-    origin = window_days.min()
-    pre_index = (pre_days - origin).astype(np.int64).astype(float)
-    window_index = (window_days - origin).astype(np.int64).astype(float)
-    if len(pre) >= settings.yearly_min_days:
-        model = "trend+weekly+yearly"
-        coef, *_ = np.linalg.lstsq(_design_matrix(pre_index, pre_days, True), pre_y, rcond=None)
-        predicted = _design_matrix(window_index, window_days, True) @ coef
-        trend = coef[1]
+    days = _days(panel["date"])
+    y = panel["y"].to_numpy(dtype=float)
+    treated_all = (panel["arm"] == "treatment").to_numpy() & in_window
+    pre_days, pre_y = days[~in_window], y[~in_window]
+    window_days = days[used]
+    if n_pre >= settings.yearly_min_days:
+        family = "trend+weekly+yearly"
     elif pool_coef is not None:
-        model = "pooled"
-        shape_pre = _profile_matrix(pre_days) @ pool_coef
-        scale = float(shape_pre @ pre_y / max(float(shape_pre @ shape_pre), 1e-12))
-        predicted = scale * (_profile_matrix(window_days) @ pool_coef)
-        trend = scale * pool_coef[1]
+        family = "pooled"
     else:
-        with_trend = len(pre) >= settings.own_trend_min_days
-        model = "trend+weekly" if with_trend else "level+weekly"
-        coef, *_ = np.linalg.lstsq(_design_matrix(pre_index, pre_days, False, with_trend), pre_y, rcond=None)
-        predicted = _design_matrix(window_index, window_days, False, with_trend) @ coef
-        trend = coef[1] if with_trend else 0.0
-    residual = window["y"].to_numpy(dtype=float) - predicted
-    treated = (window["arm"] == "treatment").to_numpy()
+        family = "trend+weekly" if n_pre >= settings.own_trend_min_days else "level+weekly"
+
+    # known factors: effects in units fitted on the pre-period with the product's own trend/seasonality
+    factors, names = [], []
+    if settings.known_factors:
+        for column in ("event_on", "log_price"):
+            if column not in panel.columns:
+                continue
+            values = panel[column].to_numpy(dtype=float)
+            if column == "log_price":
+                reference = np.nanmedian(values[~in_window]) if np.isfinite(values[~in_window]).any() else np.nan
+                values = values - reference
+            values = np.where(np.isfinite(values), values, 0.0)
+            pre_values = values[~in_window]
+            # identified only if it moved on enough pre-period days; never extrapolated beyond
+            # the range the pre-period saw (a regular-price step after a flat history would be)
+            if (np.abs(pre_values - np.median(pre_values)) > 1e-9).sum() >= MIN_FACTOR_DAYS:
+                factors.append(np.clip(values, pre_values.min(), pre_values.max()))
+                names.append("event" if column == "event_on" else "price")
+    adjusted = y
+    if factors:
+        z = np.column_stack(factors)
+        origin_pre = pre_days.max()
+        index = (pre_days - origin_pre).astype(np.int64).astype(float)
+        base = _design_matrix(index, pre_days, family == "trend+weekly+yearly", family != "level+weekly")
+        design = np.column_stack([base, z[~in_window]])
+        if len(pre_y) >= 2 * design.shape[1]:
+            coef, *_ = np.linalg.lstsq(design, pre_y, rcond=None)
+            effect = coef[base.shape[1]:]
+            # a factor whose fitted effect is implausible (more than MAX_FACTOR_EFFECT x the
+            # product's mean per unit: an elasticity beyond 5, an event more than doubling sales)
+            # is confounded with something else in a short history: left out
+            plausible = np.abs(effect) <= MAX_FACTOR_EFFECT * max(abs(float(pre_y.mean())), 1e-9)
+            adjusted = y - z[:, plausible] @ effect[plausible]
+            names = [n for n, ok in zip(names, plausible) if ok]
+        else:
+            names = []
+    adj_pre = adjusted[~in_window]
+
+    origin = window_days.min()
+    span = int((days[in_window].max() - origin).astype(np.int64)) + 1
+    role_by_offset = np.full(span, -1)
+    role_by_offset[(window_days - origin).astype(np.int64)] = np.where(treated_all[used], 1, 0)
+    window_role = role_by_offset[(window_days - origin).astype(np.int64)]
+    known_previous, previous_treated = _after_treated(window_days, days[in_window], treated_all[in_window])
+    control_days = window_role == 0
+    after_treated_share = float((known_previous & previous_treated & control_days).sum() / max(control_days.sum(), 1))
+    candidates = _Candidates(family, pool_coef, settings)
+    backtest_shapes = []
+    for j in range(1, settings.backtest_windows + 1):
+        start = origin - j * span
+        outside = (pre_days < start) | (pre_days >= start + span)
+        candidates.seasonal_shape(pre_days[outside], adj_pre[outside], origin)
+        backtest_shapes.append(candidates.shape)
+    candidates.seasonal_shape(pre_days, adj_pre, origin)
+    window_shape = candidates.shape
+    n_candidates = len(COUNTERFACTUALS)
+    fd, carry = np.full(n_candidates, np.nan), np.full(n_candidates, np.nan)
+    backtest = np.full((n_candidates, settings.backtest_windows), np.nan)  # placebo first difference per window
+    rule_prediction, rule_trend = None, 0.0
+    for k, name in enumerate(COUNTERFACTUALS):
+        if name == "blend" or (name == "pooled" and family == "trend+weekly+yearly"):
+            continue  # the blend is formed below; see COUNTERFACTUALS for the pooled shape
+        predicted, trend = candidates.predict(name, pre_days, adj_pre, window_days, origin)
+        if predicted is None:
+            continue
+        residual = adjusted[used] - predicted
+        fd[k] = _window_statistic(residual, window_role, switchback)
+        if name == "trend+seasonality":
+            rule_prediction, rule_trend = predicted, trend
+        if switchback:
+            carry[k] = _carryover_difference(residual, window_role, known_previous, previous_treated)
+        for j in range(1, settings.backtest_windows + 1):
+            start = origin - j * span
+            fit, target = pre_days < start, (pre_days >= start) & (pre_days < start + span)
+            if not target.any():
+                continue
+            role = role_by_offset[(pre_days[target] - start).astype(np.int64)]
+            candidates.shape = backtest_shapes[j - 1]
+            predicted_bt, _ = candidates.predict(name, pre_days[fit], adj_pre[fit], pre_days[target], start)
+            candidates.shape = window_shape
+            if predicted_bt is None:
+                continue
+            backtest[k, j - 1] = _window_statistic(adj_pre[target] - predicted_bt, role, switchback)
+    # the blend: the mean of the history rule's and the recent level's predictions (their errors
+    # are far from perfectly correlated); every statistic is linear in the prediction
+    blend, parts = COUNTERFACTUALS.index("blend"), [COUNTERFACTUALS.index(n) for n in BLENDED]
+    fd[blend], carry[blend] = fd[parts].mean(), carry[parts].mean()
+    backtest[blend] = backtest[parts].mean(axis=0)
+    placebo = backtest[:, 0].copy()
+    finite = np.isfinite(backtest)
+    error = np.where(finite.any(axis=1), np.nansum(np.where(finite, backtest ** 2, 0.0), axis=1) / np.maximum(finite.sum(axis=1), 1), np.nan)
+    if rule_prediction is None or not np.isfinite(fd[0]):
+        return _empty_first_difference()
+    first_window = panel.loc[used].iloc[0]
     if switchback:
-        if treated.all() or (~treated).all():
-            return _empty_first_difference()
-        fd = residual[treated].mean() - residual[~treated].mean()
         arm = "switchback"
+        crossover = "design" in panel.columns and panel["design"].iloc[0] == "crossover"
+        sequence = ("treatment_first" if first_window["arm"] == "treatment" else "control_first") if crossover else arm
     else:
-        fd = residual.mean()
-        arm = "treatment" if treated.mean() >= 0.5 else "control"
+        arm = "treatment" if treated_all[used].mean() >= 0.5 else "control"
+        sequence = arm
+    recent = pre_days >= pre_days.max() - 27
     return pd.DataFrame(
         [
             {
                 "experiment": panel["experiment"].iloc[0],
                 "product_id": panel["product_id"].iloc[0],
-                "unit_id": window["unit_id"].iloc[0],
+                "unit_id": first_window["unit_id"],
                 "arm": arm,
-                "first_difference": float(fd),
-                "counterfactual_mean": float(predicted.mean()),
-                "n_pre_days": int(len(pre)),
-                "n_window_days": int(len(window)),
+                "first_difference": float(fd[0]),
+                "counterfactual_mean": float(rule_prediction.mean()),
+                "n_pre_days": n_pre,
+                "n_window_days": int(used.sum()),
                 "pre_mean": float(pre_y.mean()),
                 "pre_sd": float(pre_y.std(ddof=1)) if len(pre_y) > 1 else 0.0,
-                "pre_trend": float(trend),
-                "model": model,
+                "pre_trend": float(rule_trend),
+                "model": family,
+                "pool": str(panel["pool"].iloc[0]) if "pool" in panel.columns else "",
+                "counterfactual": "trend+seasonality",
+                "backtest_error": float(error[0]),
+                "candidate_fd": fd.tolist(),
+                "candidate_error": error.tolist(),
+                "candidate_placebo": placebo.tolist(),
+                "candidate_carryover": carry.tolist(),
+                "recent_mean": float(adj_pre[recent].mean()),
+                "placebo": float(placebo[0]),
+                "recent_gap": np.nan,
+                "sequence": sequence,
+                "carryover_difference": float(carry[0]),
+                "after_treated_share": after_treated_share if switchback else np.nan,
+                "known_factors": ",".join(names),
             }
         ]
+    )
+
+
+def choose_counterfactual(first_differences: pd.DataFrame) -> pd.DataFrame:
+    """Per (experiment, pool): the candidate counterfactual with the lowest mean back-test error.
+
+    A product for which the chosen candidate cannot be fitted keeps the history rule
+    ("trend+seasonality"); so does its back-test error in the comparison. The chosen candidate's
+    first difference, placebo and carryover difference replace the rule's; `counterfactual` names it;
+    `recent_gap` (a covariate) is the chosen first difference minus the 4-week level's.
+    """
+    if first_differences.empty:
+        return first_differences
+    out = []
+    for _, rows in first_differences.groupby(["experiment", "pool"], sort=False):
+        fd = np.array(rows["candidate_fd"].tolist(), dtype=float)
+        error = np.array(rows["candidate_error"].tolist(), dtype=float)
+        usable = np.isfinite(fd) & np.isfinite(error)
+        fallback = np.where(np.isfinite(error[:, :1]), error[:, :1], np.nan)
+        score = np.where(usable, error, fallback)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean_error = np.nanmean(score, axis=0)
+        best = int(np.nanargmin(mean_error)) if np.isfinite(mean_error).any() else 0
+        take = np.where(usable[:, best], best, 0)
+        pick = lambda column: np.array(rows[column].tolist(), dtype=float)[np.arange(len(rows)), take]  # noqa: E731
+        chosen_fd = pick("candidate_fd")
+        recent = fd[:, COUNTERFACTUALS.index("level_4w")]
+        out.append(rows.assign(
+            first_difference=chosen_fd, placebo=pick("candidate_placebo"),
+            recent_gap=np.where(np.isfinite(recent), chosen_fd - recent, 0.0),
+            carryover_difference=pick("candidate_carryover"), backtest_error=error[np.arange(len(rows)), take],
+            counterfactual=np.where(take == best, COUNTERFACTUALS[best], COUNTERFACTUALS[0]),
+        ))
+    return pd.concat(out).loc[first_differences.index]
+
+
+def _event_days_spark(events: DataFrame, event_days: int) -> DataFrame:
+    """(product_id, date, event_on=True) for every day within `event_days` of an event's start."""
+    return (
+        events.select(F.col("product_id").cast("string").alias("product_id"), F.to_date("date").alias("start"))
+        .select("product_id", F.explode(F.sequence("start", F.date_add("start", event_days - 1))).alias("date"))
+        .distinct()
+        .withColumn("event_on", F.lit(1.0))
     )
 
 
@@ -214,22 +513,27 @@ def _experiment_panel(
     window = enrolled.where(F.col("experiment") == experiment)
     if metric not in sales.columns:
         raise ValueError(f"experiment '{experiment}': metric '{metric}' is not a column of sales ({sales.columns})")
-    return (
-        sales.select("product_id", "date", F.col(metric).cast("double").alias("y"))
+    price = [F.col("price").cast("double").alias("price")] if "price" in sales.columns else []
+    columns = ["experiment", "product_id", "date", "unit_id", "arm", "blackout"]
+    columns += ["price_change"] if "price_change" in assignments.columns else []
+    panel = (
+        sales.select("product_id", "date", F.col(metric).cast("double").alias("y"), *price)
         .join(window, "product_id")
         .where((F.col("date") >= F.date_sub("first_day", settings.pre_days)) & (F.col("date") <= F.col("last_day")))
-        .join(
-            assignments.select("experiment", "product_id", "date", "unit_id", "arm", "blackout"),
-            ["experiment", "product_id", "date"],
-            "left",
-        )
+        .join(assignments.select(*columns), ["experiment", "product_id", "date"], "left")
         .withColumn("in_window", F.col("date") >= F.col("first_day"))
         # a window day without an assignment row is outside the product's enrolment: drop it
         .where(~F.col("in_window") | F.col("arm").isNotNull())
         .withColumn("blackout", F.coalesce("blackout", F.lit(False)))
         .withColumn("switchback", F.lit(design in SWITCHBACK_DESIGNS))
+        .withColumn("design", F.lit(design))
         .drop("first_day", "last_day")
     )
+    if price:
+        change = F.coalesce(F.col("price_change"), F.lit(0.0)) if "price_change" in columns else F.lit(0.0)
+        untreated = F.when(F.col("arm") == "treatment", F.col("price") / (1.0 + change)).otherwise(F.col("price"))
+        panel = panel.withColumn("log_price", F.when(untreated > 0, F.log(untreated))).drop("price")
+    return panel.drop("price_change") if "price_change" in columns else panel
 
 
 def first_differences(
@@ -239,15 +543,19 @@ def first_differences(
     metrics: dict[str, str] | None = None,
     settings: CounterfactualSettings = CounterfactualSettings(),
     catalog: DataFrame | None = None,
+    events: DataFrame | None = None,
 ) -> DataFrame:
     """Per (experiment, product): the detrended first difference, on Spark.
 
-    `assignments` are the published rows (date, experiment, product_id, unit_id, arm, blackout);
-    `designs` maps experiment -> design, `metrics` experiment -> outcome column (default units).
-    Each product's pre-period is the `pre_days` before its first enrolled day. `catalog`
-    (product_id, subclass) makes the subclass the pool for short-history products; without it
-    the pool is the experiment's enrolment (see `CounterfactualSettings`). Pool profiles are
-    fitted per (experiment, pool) group, products per (experiment, product) group.
+    `assignments` are the published rows (date, experiment, product_id, unit_id, arm, blackout,
+    price_change); `designs` maps experiment -> design, `metrics` experiment -> outcome column
+    (default units). Each product's pre-period is the `pre_days` before its first enrolled day.
+    `catalog` (product_id, subclass) makes the subclass the pool for short-history products and
+    for the back-test choice of counterfactual; without it the pool is the experiment's enrolment
+    (see `CounterfactualSettings`). `events` (product_id, date, event: trigger events, for
+    controls too) are a known factor, like the untreated price. Pool profiles are fitted per
+    (experiment, pool) group, products per (experiment, product) group, the counterfactual is
+    chosen per (experiment, pool).
     """
     metrics = metrics or {}
     enrolled = assignments.groupBy("experiment", "product_id").agg(
@@ -262,6 +570,9 @@ def first_differences(
     panel = parts[0]
     for rows in parts[1:]:
         panel = panel.unionByName(rows)
+    if events is not None:
+        panel = (panel.join(_event_days_spark(events, settings.event_days), ["product_id", "date"], "left")
+                 .withColumn("event_on", F.coalesce("event_on", F.lit(0.0))))
     if catalog is not None:
         pools = catalog.select(F.col("product_id").cast("string").alias("product_id"),
                                F.col("subclass").cast("string").alias("pool"))
@@ -280,7 +591,22 @@ def first_differences(
     def run(group: pd.DataFrame) -> pd.DataFrame:
         return product_first_difference(group, bool(group["switchback"].iloc[0]), settings)
 
-    return panel.groupBy("experiment", "product_id").applyInPandas(run, FIRST_DIFFERENCE_SCHEMA)
+    def choose(group: pd.DataFrame) -> pd.DataFrame:
+        return choose_counterfactual(group)[[f.name for f in FIRST_DIFFERENCE_SCHEMA.fields]]
+
+    per_product = panel.groupBy("experiment", "product_id").applyInPandas(run, FIRST_DIFFERENCE_SCHEMA)
+    return per_product.groupBy("experiment", "pool").applyInPandas(choose, FIRST_DIFFERENCE_SCHEMA)
+
+
+def _event_days_pandas(events: pd.DataFrame, event_days: int) -> pd.DataFrame:
+    start = pd.to_datetime(events["date"]).to_numpy().astype("datetime64[D]")
+    product = events["product_id"].astype(str).to_numpy()
+    offsets = np.arange(event_days)
+    frame = pd.DataFrame({
+        "product_id": np.repeat(product, event_days),
+        "date": pd.to_datetime((start[:, None] + offsets[None, :]).ravel()),
+    }).drop_duplicates()
+    return frame.assign(event_on=1.0)
 
 
 def first_differences_pandas(
@@ -290,16 +616,18 @@ def first_differences_pandas(
     metrics: dict[str, str] | None = None,
     settings: CounterfactualSettings = CounterfactualSettings(),
     catalog: pd.DataFrame | None = None,
+    events: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """`first_differences` in pandas for small panels (notebooks, simulations): same rules, same
     per-pool and per-product functions, same output columns."""
     metrics = metrics or {}
-    sales = sales.assign(date=pd.to_datetime(sales["date"]))
+    sales = sales.assign(date=pd.to_datetime(sales["date"]), product_id=sales["product_id"].astype(str))
     assignments = assignments.assign(date=pd.to_datetime(assignments["date"]))
     pools = (
         catalog.set_index(catalog["product_id"].astype(str))["subclass"].astype(str)
         if catalog is not None else None
     )
+    event_on = _event_days_pandas(events, settings.event_days) if events is not None else None
     out = []
     for experiment, design in sorted(designs.items()):
         metric = metrics.get(experiment, "units")
@@ -309,13 +637,26 @@ def first_differences_pandas(
         if rows.empty:
             continue
         span = rows.groupby("product_id")["date"].agg(first_day="min", last_day="max")
-        panel = sales[["product_id", "date", metric]].rename(columns={metric: "y"}).join(span, on="product_id", how="inner")
+        keep = ["product_id", "date", metric] + (["price"] if "price" in sales.columns and metric != "price" else [])
+        panel = sales[keep].rename(columns={metric: "y"}).join(span, on="product_id", how="inner")
         panel = panel[(panel["date"] >= panel["first_day"] - pd.Timedelta(days=settings.pre_days)) & (panel["date"] <= panel["last_day"])]
-        panel = panel.merge(rows[["product_id", "date", "unit_id", "arm", "blackout"]], on=["product_id", "date"], how="left")
+        columns = ["product_id", "date", "unit_id", "arm", "blackout"] + (["price_change"] if "price_change" in rows.columns else [])
+        panel = panel.merge(rows[columns], on=["product_id", "date"], how="left")
         panel["in_window"] = panel["date"] >= panel["first_day"]
         panel = panel[~panel["in_window"] | panel["arm"].notna()].drop(columns=["first_day", "last_day"])
         panel["blackout"] = panel["blackout"].eq(True)  # no assignment row (pre-period): not blackout
+        if "price" in panel.columns:
+            change = panel["price_change"].fillna(0.0) if "price_change" in panel.columns else 0.0
+            untreated = np.where(panel["arm"] == "treatment", panel["price"] / (1.0 + change), panel["price"])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                panel["log_price"] = np.where(untreated > 0, np.log(untreated), np.nan)
+            panel = panel.drop(columns=["price"])
+        panel = panel.drop(columns=[c for c in ("price_change",) if c in panel.columns])
+        if event_on is not None:
+            panel = panel.merge(event_on, on=["product_id", "date"], how="left")
+            panel["event_on"] = panel["event_on"].fillna(0.0)
         panel["experiment"] = experiment
+        panel["design"] = design
         panel["pool"] = panel["product_id"].map(pools).fillna("") if pools is not None else ""
         pre = panel[~panel["in_window"]]
         coef_by_pool = {
@@ -327,12 +668,9 @@ def first_differences_pandas(
             out.append(product_first_difference(product_rows, switchback, settings, coef_by_pool.get(pool, [])))
     columns = [f.name for f in FIRST_DIFFERENCE_SCHEMA.fields]
     out = [frame for frame in out if not frame.empty]
-    return pd.concat(out, ignore_index=True)[columns] if out else pd.DataFrame(columns=columns)
-
-
-def _unit_sums(fd: pd.DataFrame, mask: np.ndarray, units: pd.Index) -> tuple[np.ndarray, np.ndarray]:
-    grouped = fd[mask].groupby("unit_id")["first_difference"].agg(["sum", "count"]).reindex(units, fill_value=0)
-    return grouped["sum"].to_numpy(float), grouped["count"].to_numpy(float)
+    if not out:
+        return pd.DataFrame(columns=columns)
+    return choose_counterfactual(pd.concat(out, ignore_index=True)[columns])
 
 
 def _in_product_order(fd: pd.DataFrame) -> pd.DataFrame:
@@ -342,52 +680,179 @@ def _in_product_order(fd: pd.DataFrame) -> pd.DataFrame:
     return fd.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
+CROSSOVER_SEQUENCES = ("treatment_first", "control_first")
+
+
+def comparison_groups(fd: pd.DataFrame) -> np.ndarray:
+    """The groups an estimate compares or balances: the arms of a between design; the two
+    sequences of a crossover (treated first / control first), weighted equally so a period effect
+    (demand in phase 1 vs phase 2) cancels even when the sequences hold unequal numbers of
+    products, as with cluster units; one group for random days."""
+    if (fd["arm"] == "switchback").any():
+        if "sequence" in fd.columns and fd["sequence"].isin(CROSSOVER_SEQUENCES).all() and fd["sequence"].nunique() == 2:
+            return fd["sequence"].to_numpy(dtype=object)
+        return np.full(len(fd), "switchback", dtype=object)
+    return fd["arm"].to_numpy(dtype=object)
+
+
+def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """OLS slopes of y on x (with intercept): the least-squares slopes are the ones that minimise
+    the variance of the adjusted mean (a robust fit would serve the core and let the tails grow)."""
+    design = np.column_stack([np.ones(len(y)), x])
+    return np.linalg.lstsq(design, y, rcond=None)[0][1:]
+
+
+def regression_adjustment(fd: pd.DataFrame, groups: np.ndarray, n_folds: int, rng: np.random.Generator,
+                          covariates=ADJUSTMENT_COVARIATES, pooled: bool = True) -> tuple[np.ndarray, float, list[str]]:
+    """CUPED-style adjusted first differences: (values, variance reduction, covariates used).
+
+    Every product gets y - (x - mean(x)) @ theta, mean(x) over all products of the experiment.
+    `pooled` (the default): one theta for all arms, fitted (`_slopes`) on deviations from each
+    comparison group's means (arm, or crossover sequence), so no difference between groups
+    enters it; with randomised groups this is the classical regression adjustment, unbiased to
+    first order. Otherwise theta is fitted per group (Lin's interacted regression). With
+    `n_folds` > 1 it is cross-fitted: units are dealt to folds within each group and a fold's
+    products get the slopes fitted on the other folds. In the simulator's markets the pooled
+    in-sample fit gave the smallest errors (per-arm and cross-fitted slopes from ~100 products
+    with lognormal levels were noisy enough to add error, most of all in crossovers, whose two
+    sequences see a period effect with opposite signs). Covariates are
+    pre-period figures (`ADJUSTMENT_COVARIATES`: pre-period mean, last-4-weeks mean, the
+    placebo first difference of the stretch just before the window, and the gap between the
+    chosen counterfactual's prediction and the 4-week level's, which lets the regression blend
+    the two), so they cannot carry the
+    treatment. The variance reduction is 1 - var(adjusted) / var(raw) within groups.
+    """
+    y = fd["first_difference"].to_numpy(float)
+    columns = [c for c in covariates if c in fd.columns]
+    if not columns or len(y) < 4:
+        return y, 0.0, []
+    x = fd[columns].to_numpy(float)
+    for j in range(x.shape[1]):
+        bad = ~np.isfinite(x[:, j])
+        if bad.any():
+            x[bad, j] = np.nanmedian(x[:, j]) if (~bad).any() else 0.0
+    varying = x.std(axis=0) > 1e-12
+    x, columns = x[:, varying], [c for c, v in zip(columns, varying) if v]
+    if not columns:
+        return y, 0.0, []
+    centre = x.mean(axis=0)
+    units = fd["unit_id"].astype(str).to_numpy()
+    folds = _unit_folds(units, groups, n_folds, rng)
+    adjusted = y.copy()
+    if pooled:  # one slope for all arms, fitted on within-group deviations (no group difference enters)
+        y_within, x_within = y.copy(), x.copy()
+        for group in np.unique(groups):
+            in_group = groups == group
+            y_within[in_group] -= y[in_group].mean()
+            x_within[in_group] -= x[in_group].mean(axis=0)
+    for fold in range(n_folds):
+        for group in [None] if pooled else np.unique(groups):
+            in_group = np.ones(len(y), bool) if group is None else groups == group
+            apply_to, fit_on = in_group & (folds == fold), in_group & ((folds != fold) if n_folds > 1 else True)
+            if not apply_to.any() or fit_on.sum() < 3 * (len(columns) + 1):
+                continue
+            theta = _slopes(x_within[fit_on], y_within[fit_on]) if pooled else _slopes(x[fit_on], y[fit_on])
+            adjusted[apply_to] = y[apply_to] - (x[apply_to] - centre) @ theta
+    within = lambda v: float(sum(((v[groups == g] - v[groups == g].mean()) ** 2).sum() for g in np.unique(groups)))  # noqa: E731
+    raw = within(y)
+    return adjusted, (1.0 - within(adjusted) / raw) if raw > 0 else 0.0, columns
+
+
+def _group_means_and_draws(units: np.ndarray, values: np.ndarray, mask: np.ndarray, n_bootstrap: int,
+                           rng: np.random.Generator) -> tuple[float, np.ndarray, int]:
+    """Mean of `values` over rows in `mask` and its unit-bootstrap draws (units resampled with replacement)."""
+    group_units, row = np.unique(units[mask], return_inverse=True)
+    sums = np.bincount(row, weights=values[mask], minlength=len(group_units))
+    counts = np.bincount(row, minlength=len(group_units)).astype(float)
+    draws = rng.multinomial(len(group_units), np.full(len(group_units), 1 / len(group_units)), size=n_bootstrap)
+    return float(sums.sum() / counts.sum()), (draws @ sums) / np.maximum(draws @ counts, 1e-12), len(group_units)
+
+
+def _balanced_effect(units: np.ndarray, values: np.ndarray, groups: np.ndarray, switchback: bool, n_bootstrap: int,
+                     rng: np.random.Generator) -> tuple[float, np.ndarray]:
+    """Between designs: treated mean - control mean; switchback: the mean over comparison groups
+    of each group's mean (crossover: the two sequences weighted equally). Bootstrap within group."""
+    if switchback:
+        parts = [_group_means_and_draws(units, values, groups == g, n_bootstrap, rng) for g in sorted(np.unique(groups))]
+        return float(np.mean([p[0] for p in parts])), np.mean([p[1] for p in parts], axis=0)
+    treated = _group_means_and_draws(units, values, groups == "treatment", n_bootstrap, rng)
+    control = _group_means_and_draws(units, values, groups == "control", n_bootstrap, rng)
+    return treated[0] - control[0], treated[1] - control[1]
+
+
+def carryover_check(fd: pd.DataFrame, z: float = 1.96) -> dict:
+    """Carryover of a switchback experiment from its own data (lag one).
+
+    Per product, `carryover_difference` is the mean residual of control days right after a
+    treated day minus that of control days after a control day: zero without carryover, the
+    leftover of the effect with it. Averaged over randomisation units (SE from their spread);
+    flagged when its 95% interval excludes zero. `carryover_bias` estimates what it does to the
+    effect: minus the estimate times the share of analysed control days that follow a treated
+    day (lag one only, so a lower bound for slowly decaying carryover). NaN (no flag) for
+    between designs, and where blackout days leave no control day right after a treated one.
+    """
+    empty = {"carryover_estimate": np.nan, "carryover_se": np.nan, "carryover_flag": False, "carryover_bias": np.nan}
+    if "carryover_difference" not in fd.columns or not (fd["arm"] == "switchback").any():
+        return empty
+    rows = fd[np.isfinite(fd["carryover_difference"].to_numpy(float))]
+    if rows["unit_id"].nunique() < 3:
+        return empty
+    per_unit = rows.groupby("unit_id")["carryover_difference"].mean()
+    estimate = float(per_unit.mean())
+    se = float(per_unit.std(ddof=1) / np.sqrt(len(per_unit)))
+    share = float(rows["after_treated_share"].mean()) if "after_treated_share" in rows.columns else np.nan
+    return {"carryover_estimate": estimate, "carryover_se": se, "carryover_flag": bool(abs(estimate) > z * se),
+            "carryover_bias": -estimate * share}
+
+
 class DiDEstimator:
-    """Plain difference-in-differences of detrended first differences, with a unit bootstrap.
+    """Difference in differences of detrended first differences, regression-adjusted, with a unit bootstrap.
 
     Between-product designs: mean first difference of treated products minus control products.
-    Switchback designs: mean within-product (treated - control) first difference. Standard
-    errors come from resampling randomisation units (products or clusters) with replacement,
-    within arm for between designs, `n_bootstrap` times, vectorised as a matrix of draw counts.
+    Switchback designs: mean within-product (treated - control) first difference; a crossover
+    averages its two sequences with equal weight (`comparison_groups`). With `adjust`, the first
+    differences are first regression-adjusted on pre-period covariates, pooled over arms (cross-fitted over
+    `adjust_folds` folds of units when > 1: `regression_adjustment`); `variance_reduction_` says what it
+    bought. Standard errors come from resampling randomisation units (products or clusters) with
+    replacement, within arm (sequence) for between (crossover) designs, `n_bootstrap` times.
     """
 
-    def __init__(self, n_bootstrap: int = 1000, alpha: float = 0.05, random_state: int = 0):
+    def __init__(self, n_bootstrap: int = 1000, alpha: float = 0.05, random_state: int = 0, adjust: bool = True,
+                 adjust_folds: int = 1):
         self.n_bootstrap = n_bootstrap
         self.alpha = alpha
         self.random_state = random_state
+        self.adjust = adjust
+        self.adjust_folds = adjust_folds
 
     def fit(self, first_differences: pd.DataFrame) -> "DiDEstimator":
         fd = _in_product_order(first_differences.dropna(subset=["first_difference"]))
         rng = np.random.default_rng(self.random_state)
-        switchback = (fd["arm"] == "switchback").any()
+        switchback = bool((fd["arm"] == "switchback").any())
         if switchback:
-            units = pd.Index(sorted(fd["unit_id"].unique()))
-            sums, counts = _unit_sums(fd, np.ones(len(fd), bool), units)
-            if counts.sum() == 0:
+            if fd.empty:
                 raise ValueError("no product has both treated and control days in the window")
-            self.effect_ = float(sums.sum() / counts.sum())
-            draws = rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=self.n_bootstrap)
-            self.bootstrap_ = (draws @ sums) / np.maximum(draws @ counts, 1e-12)
-            self.n_treated_, self.n_control_ = int(counts.sum()), int(counts.sum())
         else:
-            arms = {}
             for arm in ("treatment", "control"):
-                mask = (fd["arm"] == arm).to_numpy()
-                units = pd.Index(sorted(fd.loc[mask, "unit_id"].unique()))
-                if len(units) < 2:
-                    raise ValueError(f"the {arm} arm has {len(units)} randomisation unit(s) with data; need >= 2")
-                sums, counts = _unit_sums(fd, mask, units)
-                draws = rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=self.n_bootstrap)
-                arms[arm] = (sums.sum() / counts.sum(), (draws @ sums) / np.maximum(draws @ counts, 1e-12), int(counts.sum()))
-            self.effect_ = float(arms["treatment"][0] - arms["control"][0])
-            self.bootstrap_ = arms["treatment"][1] - arms["control"][1]
-            self.n_treated_, self.n_control_ = arms["treatment"][2], arms["control"][2]
+                n_units = fd.loc[fd["arm"] == arm, "unit_id"].nunique()
+                if n_units < 2:
+                    raise ValueError(f"the {arm} arm has {n_units} randomisation unit(s) with data; need >= 2")
+        groups = comparison_groups(fd)
+        y, self.variance_reduction_, self.covariates_ = (
+            regression_adjustment(fd, groups, self.adjust_folds, rng) if self.adjust
+            else (fd["first_difference"].to_numpy(float), 0.0, [])
+        )
+        units = fd["unit_id"].astype(str).to_numpy()
+        self.effect_, self.bootstrap_ = _balanced_effect(units, y, groups, switchback, self.n_bootstrap, rng)
         self.se_ = float(np.std(self.bootstrap_, ddof=1))
         low, high = np.quantile(self.bootstrap_, [self.alpha / 2, 1 - self.alpha / 2])
         # basic (pivotal) bootstrap interval: centred on the estimate, robust to a skewed draw
         self.ci_ = (float(2 * self.effect_ - high), float(2 * self.effect_ - low))
+        self.n_treated_ = int((groups == "treatment").sum()) if not switchback else len(fd)
+        self.n_control_ = int((groups == "control").sum()) if not switchback else len(fd)
         self.n_products_ = int(fd["product_id"].nunique())
         self.n_units_ = int(fd["unit_id"].nunique())
+        self.carryover_ = carryover_check(fd)
         return self
 
 
@@ -401,10 +866,16 @@ _LEAF_STRIDE = 1 << 32  # global leaf id = (fold * n_estimators + tree) * stride
 MAX_ONE_HOT_LEVELS = 20  # a categorical attribute keeps its most frequent levels, the rest is 'other'
 
 
-def trim_outliers(first_differences: pd.DataFrame, k: float) -> np.ndarray:
-    """Keep-mask of the outlier filter: per arm, drop the floor(q * n_arm) lowest and highest
-    standardised first differences, with tail share q = k / N (N = products of the experiment,
-    q <= 0.25).
+def trim_outliers(first_differences: pd.DataFrame, k: float, groups: np.ndarray | None = None,
+                  outlier_sd: float = 4.0) -> np.ndarray:
+    """Keep-mask of the outlier filter: per arm (crossover: sequence), drop at most the
+    floor(q * n_arm) lowest and highest standardised first differences, with tail share
+    q = k / N (N = products of the experiment, q <= 0.25), and of those only the ones further
+    than `outlier_sd` robust sd (1.4826 MAD) from the arm's median (None: no such guard).
+
+    The guard keeps the filter to outliers: an effect that differs between products makes the
+    tails unequal, and cutting a fixed count from each tail of a skewed distribution moves its
+    mean (in the simulator the plain k/N cut biased random days by about half an SE).
 
     A first difference is standardised by its product's pre-period sd (`pre_sd`; 1 when absent
     or zero), so an outlier is a swing extreme for that product (a level shift, a broken
@@ -422,14 +893,19 @@ def trim_outliers(first_differences: pd.DataFrame, k: float) -> np.ndarray:
     if "pre_sd" in first_differences.columns:
         scale = first_differences["pre_sd"].to_numpy(float)
         values = values / np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
-    for arm in first_differences["arm"].unique():
-        rows = np.flatnonzero((first_differences["arm"] == arm).to_numpy())
+    groups = first_differences["arm"].to_numpy(dtype=object) if groups is None else np.asarray(groups, dtype=object)
+    for group in pd.unique(groups):
+        rows = np.flatnonzero(groups == group)
         n_cut = int(np.floor(share * len(rows) + 1e-9))
         if n_cut == 0:
             continue
         order = rows[np.argsort(values[rows], kind="stable")]
-        keep[order[:n_cut]] = False
-        keep[order[-n_cut:]] = False
+        cut = np.concatenate([order[:n_cut], order[-n_cut:]])
+        if outlier_sd is not None:
+            centre = np.median(values[rows])
+            spread = 1.4826 * np.median(np.abs(values[rows] - centre))
+            cut = cut[np.abs(values[cut] - centre) > outlier_sd * spread]
+        keep[cut] = False
     return keep
 
 
@@ -527,7 +1003,13 @@ class HPTEEstimator:
 
     fit(first_differences, features): one experiment's rows of `first_differences` (step 1) and,
     optionally, catalogue attributes by product_id.
-    - Outlier filter (`trim_outliers`): tail share `trim_k` / N per tail, within arm.
+    - Regression adjustment (`adjust`, `regression_adjustment`): each first difference is adjusted
+      on pre-period covariates, before anything else, so the forest's leaves and the filter see
+      adjusted values; the slopes are pooled over arms (valid under randomisation: fitted on
+      deviations from the arm means, no arm difference enters them), or cross-fitted over
+      `adjust_folds` folds of units when > 1; `variance_reduction_`.
+    - Outlier filter (`trim_outliers`): tail share `trim_k` / N per tail, within arm (crossover:
+      within sequence), of values beyond `trim_sd` robust sd from the arm's median.
     - Second difference within causal-forest leaves, cross-fitted: units are dealt to `n_folds`
       folds (within arm); for each fold an honest `econml.grf.CausalForest` is grown on the other
       folds (features: `product_features`; between designs T = arm, y = first difference;
@@ -537,7 +1019,8 @@ class HPTEEstimator:
       leaves of all trees with weight = products in the leaf. Leaves lacking one arm are skipped
       and counted. Because leaves are formed on other products, the leaf comparison is honest.
       For switchback designs every product is its own control, so the estimate is the (trimmed)
-      mean within-product difference; the forest then only describes heterogeneity.
+      mean within-product difference, a crossover's two sequences weighted equally (a period
+      effect cancels; `comparison_groups`); the forest then only describes heterogeneity.
     - Bootstrap: randomisation units (products, or clusters) are resampled with replacement,
       within arm for between designs, `n_bootstrap` times; the forest's leaves stay fixed and
       each draw recomputes every leaf's difference from sparse unit-by-leaf sums (one matrix
@@ -547,7 +1030,8 @@ class HPTEEstimator:
     n_products_, n_units_, n_leaves_, n_leaves_skipped_, leaf_effects_ (one row per fold, tree
     and leaf), product_effects_ (per-product effect: mean over trees of its leaf's difference),
     heterogeneity_ (per attribute and level/quartile: mean product effect, relative to the
-    counterfactual, and the forest's importance), feature_importances_, baseline_.
+    counterfactual, and the forest's importance), feature_importances_, baseline_,
+    variance_reduction_, covariates_, carryover_ (`carryover_check`).
     """
 
     def __init__(
@@ -559,7 +1043,13 @@ class HPTEEstimator:
         n_folds: int = 2,
         alpha: float = 0.05,
         random_state: int = 0,
+        adjust: bool = True,
+        adjust_folds: int = 1,
+        trim_sd: float | None = 4.0,
     ):
+        self.trim_sd = trim_sd
+        self.adjust = adjust
+        self.adjust_folds = adjust_folds
         self.n_bootstrap = n_bootstrap
         self.trim_k = trim_k
         self.n_estimators = n_estimators
@@ -613,15 +1103,21 @@ class HPTEEstimator:
             raise ValueError("no first differences to estimate from")
         rng = np.random.default_rng(self.random_state)
         switchback = bool((fd["arm"] == "switchback").any())
-        keep = trim_outliers(fd, self.trim_k)
+        groups = comparison_groups(fd)
+        self.carryover_ = carryover_check(fd)
+        if self.adjust:  # adjust first, so the filter judges what is left after the known part
+            adjusted, self.variance_reduction_, self.covariates_ = regression_adjustment(fd, groups, self.adjust_folds, rng)
+            fd = fd.assign(raw_first_difference=fd["first_difference"], first_difference=adjusted)
+        else:
+            self.variance_reduction_, self.covariates_ = 0.0, []
+        keep = trim_outliers(fd, self.trim_k, groups, self.trim_sd)
         self.n_trimmed_ = int((~keep).sum())
         self.trimmed_products_ = fd.loc[~keep, "product_id"].tolist()
-        fd = fd[keep].reset_index(drop=True)
-        arm_groups = ("switchback",) if switchback else ("treatment", "control")
-        for arm in arm_groups:
-            n_units = fd.loc[fd["arm"] == arm, "unit_id"].nunique()
+        fd, groups = fd[keep].reset_index(drop=True), groups[keep]
+        for group in ("treatment", "control") if not switchback else np.unique(groups):
+            n_units = fd.loc[groups == group, "unit_id"].nunique()
             if n_units < 2:
-                raise ValueError(f"the {arm} arm has {n_units} randomisation unit(s) with data after trimming; need >= 2")
+                raise ValueError(f"the {group} arm has {n_units} randomisation unit(s) with data after trimming; need >= 2")
 
         encoded, raw, columns_of = product_features(fd, features)
         x = encoded.to_numpy(float)
@@ -666,6 +1162,8 @@ class HPTEEstimator:
         self.bootstrap_ = estimates[1:]
         if not np.isfinite(self.effect_):
             raise ValueError("no causal-forest leaf holds both arms")
+        if switchback:  # every product is its own control: the leaf average is the mean; balance sequences
+            self.effect_, self.bootstrap_ = _balanced_effect(units, y, groups, True, self.n_bootstrap, rng)
         self.bootstrap_ = self.bootstrap_[np.isfinite(self.bootstrap_)]
         self.se_ = float(np.std(self.bootstrap_, ddof=1))
         low, high = np.quantile(self.bootstrap_, [self.alpha / 2, 1 - self.alpha / 2])
@@ -757,10 +1255,26 @@ RESULT_COLUMNS = [
     "spillover_effect",
     "spillover_se",
     "as_of",
+    # precision and carryover (issue 18)
+    "counterfactual",
+    "variance_reduction",
+    "carryover_estimate",
+    "carryover_se",
+    "carryover_flag",
+    "carryover_bias",
 ]
 
 
-def _result_row(spec, estimator: str, model, baseline: float, n_trimmed: int, as_of) -> dict:
+def counterfactual_summary(fd: pd.DataFrame) -> str:
+    """Which counterfactual the back-test chose, as 'name (products)', most products first."""
+    if "counterfactual" not in fd.columns or fd.empty:
+        return ""
+    counts = fd["counterfactual"].value_counts()
+    return ", ".join(f"{name} ({count})" for name, count in counts.items())
+
+
+def _result_row(spec, estimator: str, model, baseline: float, n_trimmed: int, as_of, counterfactual: str = "") -> dict:
+    carryover = getattr(model, "carryover_", None) or carryover_check(pd.DataFrame({"arm": []}))
     return {
         "experiment": spec.name,
         "design": spec.design,
@@ -776,6 +1290,9 @@ def _result_row(spec, estimator: str, model, baseline: float, n_trimmed: int, as
         "spillover_effect": np.nan,
         "spillover_se": np.nan,
         "as_of": as_of,
+        "counterfactual": counterfactual,
+        "variance_reduction": getattr(model, "variance_reduction_", 0.0),
+        **carryover,
     }
 
 
@@ -791,7 +1308,7 @@ def estimate_experiments(
 ) -> tuple[pd.DataFrame, dict[str, str]]:
     """One results row per experiment and estimator (contract v1), plus per-experiment problems.
 
-    Estimators: 'did' (plain difference in differences, `DiDEstimator`) and 'hpte'
+    Estimators: 'did' (regression-adjusted difference in differences, `DiDEstimator`) and 'hpte'
     (`HPTEEstimator`, with `features` = catalogue attributes by product_id, and `hpte_params`
     passed to its constructor). An experiment that cannot be estimated (no data yet, one arm
     empty) gets no row and a message instead; the others go on. If HPTE alone fails, the DiD row
@@ -810,7 +1327,8 @@ def estimate_experiments(
         except ValueError as exc:
             problems[spec.name] = str(exc)
             continue
-        rows.append(_result_row(spec, "did", did, float(fd["counterfactual_mean"].mean()), 0, as_of))
+        chosen = counterfactual_summary(fd)
+        rows.append(_result_row(spec, "did", did, float(fd["counterfactual_mean"].mean()), 0, as_of, chosen))
         try:
             params = {"n_bootstrap": n_bootstrap, "random_state": random_state, **(hpte_params or {})}
             hpte = HPTEEstimator(**params).fit(fd, features)
@@ -818,7 +1336,7 @@ def estimate_experiments(
             problems[spec.name] = f"hpte not estimated: {exc}"
             hpte = None
         else:
-            rows.append(_result_row(spec, "hpte", hpte, hpte.baseline_, hpte.n_trimmed_, as_of))
+            rows.append(_result_row(spec, "hpte", hpte, hpte.baseline_, hpte.n_trimmed_, as_of, chosen))
         if models is not None:
             models[(spec.name, "did")] = did
             if hpte is not None:

@@ -19,12 +19,15 @@ def results_table(
     substitute clusters measures the GLOBAL effect (everything treated vs nothing, cannibalisation
     between substitutes included). `experiments` (name, unit) says which; without it, direct.
     """
-    table = results[
-        [
-            "experiment", "design", "estimator", "effect", "se", "ci_low", "ci_high", "relative_effect",
-            "n_products", "n_trimmed", "spillover_effect", "spillover_se",
-        ]
-    ].copy()
+    columns = [
+        "experiment", "design", "estimator", "effect", "se", "ci_low", "ci_high", "relative_effect",
+        "n_products", "n_trimmed", "spillover_effect", "spillover_se",
+    ]
+    # precision and carryover, when the results have them: the counterfactual the back-test chose,
+    # the variance the regression adjustment removed, and the switchback carryover check
+    columns += [c for c in ("counterfactual", "variance_reduction", "carryover_estimate", "carryover_flag",
+                            "carryover_bias") if c in results.columns]
+    table = results[columns].copy()
     if truth is not None and not truth.empty:
         units = dict(zip(experiments["name"], experiments["unit"])) if experiments is not None else {}
         table = table.merge(truth[["experiment", "true_direct_effect", "true_global_effect"]], on="experiment", how="left")
@@ -133,6 +136,14 @@ def report_markdown(
             graph_power["table"],
             "",
         ]
+    if "carryover_flag" in table.columns and table["carryover_flag"].fillna(False).astype(bool).any():
+        flagged = table[table["carryover_flag"].fillna(False).astype(bool)].drop_duplicates("experiment")
+        lines += ["## Carryover", ""] + [
+            f"- `{r.experiment}` ({r.design}): control days right after a treated day differ by "
+            f"{r.carryover_estimate:+.3f} from those after a control day; its estimates are biased by about "
+            f"{r.carryover_bias:+.3f} (lag one only). Add blackout days or read the estimate as a lower bound."
+            for r in flagged.itertuples()
+        ] + [""]
     if problems:
         lines += ["## Not estimated", ""] + [f"- `{name}`: {why}" for name, why in sorted(problems.items())] + [""]
     lines += ["![effects](effects.png)", ""]

@@ -51,10 +51,11 @@ def test_first_differences_recover_a_planted_effect(spark, design):
     ).toPandas()
     assert len(fd) == 40 and fd["n_pre_days"].min() == PRE_DAYS and fd["n_window_days"].max() == WINDOW_DAYS
     twin = estimation.first_differences_pandas(sales, assignments, {"e": design})  # the pandas path agrees
-    pd.testing.assert_frame_equal(
-        twin.sort_values("product_id").reset_index(drop=True), fd.sort_values("product_id").reset_index(drop=True),
-        check_dtype=False,
-    )
+    twin, fd = (frame.sort_values("product_id").reset_index(drop=True) for frame in (twin, fd))
+    arrays = [c for c in fd.columns if c.startswith("candidate_")]
+    pd.testing.assert_frame_equal(twin.drop(columns=arrays), fd.drop(columns=arrays), check_dtype=False)
+    for column in arrays:
+        np.testing.assert_allclose(np.array(twin[column].tolist(), float), np.array(fd[column].tolist(), float))
     model = estimation.DiDEstimator(n_bootstrap=500, random_state=0).fit(fd)
     assert model.ci_[0] <= 4.0 <= model.ci_[1], (model.effect_, model.ci_)
     assert abs(model.effect_ - 4.0) < 3 * model.se_
@@ -151,12 +152,14 @@ def test_trim_outliers_cuts_k_over_n_per_tail_within_each_arm():
     fd, _ = _between_fd(0, n_products=200)
     fd.loc[0, "first_difference"] = 1e6  # planted outliers
     fd.loc[1, "first_difference"] = -1e6
-    keep = estimation.trim_outliers(fd, k=2.0)  # q = 2/200 = 1% of each arm's 100 -> 1 per tail
-    assert (~keep).sum() == 4 and not keep[0] and not keep[1]
+    plain = estimation.trim_outliers(fd, k=2.0, outlier_sd=None)  # q = 2/200 = 1% of each arm's 100 -> 1 per tail
+    assert (~plain).sum() == 4 and not plain[0] and not plain[1]
     for arm in ("treatment", "control"):
-        dropped = fd[~keep & (fd["arm"] == arm)]["first_difference"]
-        kept = fd[keep & (fd["arm"] == arm)]["first_difference"]
+        dropped = fd[~plain & (fd["arm"] == arm)]["first_difference"]
+        kept = fd[plain & (fd["arm"] == arm)]["first_difference"]
         assert dropped.min() < kept.min() and dropped.max() > kept.max()
+    guarded = estimation.trim_outliers(fd, k=2.0)  # only the planted ones are > 4 robust sd out
+    assert (~guarded).sum() == 2 and not guarded[0] and not guarded[1]
     assert estimation.trim_outliers(fd, k=0).all()
 
 
@@ -164,7 +167,7 @@ def test_hpte_recovers_the_average_and_finds_who_responds_more():
     fd, catalog = _between_fd(1, n_products=400)
     model = estimation.HPTEEstimator(n_bootstrap=300, n_estimators=48, random_state=0).fit(fd, catalog)
     assert model is not None and model.ci_[0] <= 2.0 <= model.ci_[1], (model.effect_, model.ci_)
-    assert model.n_trimmed_ == 4 and model.n_products_ == 396
+    assert model.n_trimmed_ == int((~estimation.trim_outliers(fd, 2.0)).sum()) and model.n_products_ == 400 - model.n_trimmed_
     het = model.heterogeneity_.set_index(["attribute", "group"])
     assert het.loc[("tier", "b"), "effect"] > het.loc[("tier", "a"), "effect"] + 0.5
     assert model.heterogeneity_["attribute"].iloc[0] == "tier"  # the most important attribute first
@@ -205,7 +208,7 @@ def test_hpte_switchback_is_the_trimmed_mean_of_within_product_differences():
     fd["unit_id"] = fd["product_id"]
     model = estimation.HPTEEstimator(n_bootstrap=200, n_estimators=16, trim_k=2.0).fit(fd)
     kept = fd[estimation.trim_outliers(fd, 2.0)]["first_difference"]
-    assert model.effect_ == pytest.approx(kept.mean()) and model.n_trimmed_ == 4
+    assert model.effect_ == pytest.approx(kept.mean()) and model.n_trimmed_ == 100 - len(kept)
     assert model.n_leaves_skipped_ == 0
 
 
@@ -260,7 +263,120 @@ def test_hpte_on_the_simulator_covers_the_direct_effect():
     # measured on these seeds: 17 of 18 intervals hold the truth, mean z = -0.24
     assert clean["covered"].sum() >= len(clean) - 2, clean
     assert abs(clean["z"].mean()) < 0.5, clean["z"].mean()
-    assert (clean["n_trimmed"] > 0).all()
     carry = hpte[hpte["design"] == "random_days"]
     assert (carry["effect"] < carry["true_direct"]).all()  # carryover into control days shrinks the effect
     assert (carry["carryover_control"] > 0.1).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Precision against a CUPED reference, carryover, counterfactual choice (issue 18)
+# ------------------------------------------------------------------------------------------------
+
+from pipelines import simulation  # noqa: E402
+
+REGIME_NAMES = tuple(getattr(simulation, "REGIMES", {"default": None}))
+# measured on these seeds: time_bound 0.75 (default), 0.82 (weak), 0.81 (no_substitutes); random_days
+# 0.97, 0.85, 0.92; the ceilings sit a little above
+SE_RATIO_CEILING = {"time_bound": 0.85, "random_days": 1.0}
+
+
+def _cuped_reference(window: pd.DataFrame, pre: pd.DataFrame, design: str) -> float:
+    """SE of a plain CUPED estimate (numpy): per product the window mean (switchback: treated-day
+    minus control-day mean), adjusted on its 8-week pre-period mean with one pooled theta."""
+    pre_mean = pre.groupby("product_id")["units"].mean()
+    if design == "random_days":
+        means = window.groupby(["product_id", "arm"])["units"].mean().unstack().dropna()
+        y = (means["treatment"] - means["control"]).to_numpy()
+        x = pre_mean.reindex(means.index).to_numpy()
+        theta = np.cov(y, x)[0, 1] / np.var(x, ddof=1)
+        adjusted = y - theta * (x - x.mean())
+        return float(adjusted.std(ddof=1) / np.sqrt(len(adjusted)))
+    per = window.groupby("product_id").agg(y=("units", "mean"), arm=("arm", "first"))
+    x = pre_mean.reindex(per.index).to_numpy()
+    y = per["y"].to_numpy()
+    theta = np.cov(y, x)[0, 1] / np.var(x, ddof=1)
+    adjusted = y - theta * (x - x.mean())
+    treated = (per["arm"] == "treatment").to_numpy()
+    return float(np.sqrt(adjusted[treated].var(ddof=1) / treated.sum() + adjusted[~treated].var(ddof=1) / (~treated).sum()))
+
+
+@pytest.mark.parametrize("regime", REGIME_NAMES)
+def test_hpte_se_beats_a_cuped_reference_on_small_worlds(regime):
+    """Small seeded worlds of each simulator regime, no carryover: HPTE's bootstrap SE against a
+    CUPED reference computed here (numpy), for a between design and a switchback design. The
+    ceilings are a little above the ratios measured on these seeds; HPTE must also hold the truth."""
+    bench = _benchmark_module()
+    ratios = {"time_bound": [], "random_days": []}
+    for seed in (1, 2):
+        config = bench.market_config(regime, n_products=600, n_subclasses=12, seed=700 + seed, carryover_decay=0.0)
+        world = simulation.simulate_market(config)
+        specs = [s for s in bench.experiment_specs(config, seed, -0.08, 6) if s.name in ("time-bound", "random-days")]
+        triggers = simulation.simulate_trigger_events(world, config.history_start, specs[0].end)
+        assignments = pd.concat([bench.pandas_assignments(s, world.catalog, triggers) for s in specs], ignore_index=True)
+        sales = simulation.simulate_sales(world, assignments, config.history_start, specs[0].end)
+        truth = simulation.true_effects(world, assignments).set_index("experiment")["true_direct_effect"]
+        fds = estimation.first_differences_pandas(sales, assignments, {s.name: s.design for s in specs},
+                                                  catalog=world.catalog, events=triggers)
+        for spec in specs:
+            window, pre = bench.peers.experiment_frames(spec, assignments, sales, triggers)
+            reference = _cuped_reference(window, pre, spec.design)
+            model = estimation.HPTEEstimator(n_bootstrap=300, n_estimators=16, random_state=seed).fit(
+                fds[fds["experiment"] == spec.name], world.catalog)
+            ratios[spec.design].append(model.se_ / reference)
+            assert abs(model.effect_ - truth[spec.name]) < 4 * model.se_, (spec.name, model.effect_, truth[spec.name])
+            assert model.variance_reduction_ > 0
+    for design, values in ratios.items():
+        print(regime, design, np.round(values, 3))
+        assert np.mean(values) <= SE_RATIO_CEILING[design], (regime, design, values)
+
+
+def test_carryover_check_finds_planted_carryover_and_not_its_absence():
+    """Random days on the synthetic panel: control days after a treated day carry 40% of the effect."""
+    flags = {}
+    for carry in (0.0, 0.4):
+        rng = np.random.default_rng(11)
+        days = [START - dt.timedelta(days=PRE_DAYS) + dt.timedelta(days=i) for i in range(PRE_DAYS + WINDOW_DAYS)]
+        sales, assignments = [], []
+        for p in range(120):
+            level = rng.uniform(10, 30)
+            previous = False
+            for d in days:
+                in_window = d >= START
+                treated = in_window and rng.random() < 0.5
+                mean = level + (4.0 if treated else (carry * 4.0 if previous else 0.0))
+                sales.append((f"P{p:03d}", d, 10.0, max(0.0, mean + rng.normal(0, 2))))
+                if in_window:
+                    arm = "treatment" if treated else "control"
+                    assignments.append((d, "e", f"P{p:03d}", f"P{p:03d}", arm, False, -0.1 if treated else 0.0))
+                previous = treated
+        sales = pd.DataFrame(sales, columns=["product_id", "date", "price", "units"])
+        assignments = pd.DataFrame(assignments, columns=["date", "experiment", "product_id", "unit_id", "arm", "blackout", "price_change"])
+        fd = estimation.first_differences_pandas(sales, assignments, {"e": "random_days"})
+        check = estimation.carryover_check(fd)
+        flags[carry] = check["carryover_flag"]
+        if carry:
+            assert abs(check["carryover_estimate"] - 1.6) < 3 * check["carryover_se"], check
+            assert check["carryover_bias"] < 0
+    assert flags == {0.0: False, 0.4: True}
+
+
+def test_counterfactual_back_test_picks_the_recent_level_under_a_drift():
+    """Products whose level random-walks: the back-test prefers a recent level to a year-long fit,
+    the choice is per pool, and the chosen candidate's first difference is the one used."""
+    rng = np.random.default_rng(5)
+    days = pd.date_range(START - dt.timedelta(days=PRE_DAYS), periods=PRE_DAYS + WINDOW_DAYS)
+    sales, assignments = [], []
+    for p in range(30):
+        level = 20 + np.cumsum(rng.normal(0, 0.8, len(days)))
+        for d, lv in zip(days, level):
+            sales.append((f"P{p:02d}", d, 10.0, max(0.0, lv + rng.normal(0, 1))))
+            if d >= pd.Timestamp(START):
+                assignments.append((d, "e", f"P{p:02d}", f"P{p:02d}", "treatment" if p % 2 else "control", False, 0.0))
+    sales = pd.DataFrame(sales, columns=["product_id", "date", "price", "units"])
+    assignments = pd.DataFrame(assignments, columns=["date", "experiment", "product_id", "unit_id", "arm", "blackout", "price_change"])
+    catalog = pd.DataFrame({"product_id": [f"P{p:02d}" for p in range(30)], "subclass": ["a"] * 15 + ["b"] * 15})
+    fd = estimation.first_differences_pandas(sales, assignments, {"e": "time_bound"}, catalog=catalog)
+    assert fd.groupby("pool")["counterfactual"].nunique().eq(1).all()
+    assert fd["counterfactual"].str.startswith("level_").all(), fd["counterfactual"].value_counts()
+    k = estimation.COUNTERFACTUALS.index(fd["counterfactual"].iloc[0])
+    assert np.allclose(fd["first_difference"], np.array(fd["candidate_fd"].tolist())[:, k])

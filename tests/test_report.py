@@ -43,6 +43,17 @@ def test_report_markdown_lists_unestimated_experiments_and_exposure():
     assert report.effects_png(table)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_names_the_counterfactual_and_flags_carryover():
+    results = _results().assign(design=["random_days", "time_bound"], counterfactual=["level_4w (10)", "trend+seasonality (10)"],
+                                variance_reduction=[0.1, 0.3], carryover_estimate=[0.8, float("nan")],
+                                carryover_se=[0.2, float("nan")], carryover_flag=[True, False], carryover_bias=[-0.4, float("nan")])
+    table = report.results_table(results)
+    assert {"counterfactual", "variance_reduction", "carryover_flag"} <= set(table.columns)
+    text = report.report_markdown(table, {}, "2026-02-15")
+    assert "## Carryover" in text and "`by-product` (random_days)" in text and "-0.400" in text
+    assert "by-cluster` (" not in text.split("## Carryover")[1]  # not flagged, not listed
+
+
 def test_report_says_what_the_graph_could_see():
     from pipelines import graph
 

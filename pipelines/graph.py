@@ -596,10 +596,10 @@ POWER_Z = 0.8416212335729143  # ndtri(0.8): 80% power
 def _block_rows(labelled: DataFrame, pair_threshold: float) -> pd.DataFrame:
     """One row per block (pandas): pair counts, edges, pair and pooled detectability, edge share."""
     z_needed = float(ndtri(1.0 - pair_threshold)) + POWER_Z
-    kappa = F.coalesce(defined_or_zero("kappa_src_dst") + defined_or_zero("kappa_dst_src"), F.lit(0.0))
+    kappa = F.coalesce(_defined_or_zero("kappa_src_dst") + _defined_or_zero("kappa_dst_src"), F.lit(0.0))
     # the cross elasticity at which this pair's combined z reaches the threshold with 80% power
     pair_mde = F.when(kappa > 0, F.lit(z_needed * np.sqrt(2.0)) / kappa)
-    z_sum = defined_or_zero("z_src_dst") + defined_or_zero("z_dst_src")
+    z_sum = _defined_or_zero("z_src_dst") + _defined_or_zero("z_dst_src")
     rows = labelled.groupBy("block").agg(
         F.count(F.lit(1)).alias("pairs_tested"),
         F.sum(F.col("is_edge").cast("int")).alias("edges"),
@@ -614,7 +614,7 @@ def _block_rows(labelled: DataFrame, pair_threshold: float) -> pd.DataFrame:
     return rows.toPandas().sort_values("block").reset_index(drop=True)
 
 
-def defined_or_zero(column: str):
+def _defined_or_zero(column: str):
     return F.when(F.col(column).isNull() | F.isnan(column), F.lit(0.0)).otherwise(F.col(column))
 
 
@@ -788,7 +788,7 @@ def power_summary(blocks: pd.DataFrame, max_rows: int = 40) -> dict:
             f"(pair tests detect a cross elasticity of about {summary['median_pair_detectable_elasticity']:.2f} "
             "at 80% power); they are randomised whole, which costs standard error"
         )
-    unresolved = evidence & ~whole & (blocks["resolved_share"] < 0.5)
+    unresolved = blocks["reason"].str.contains("immaterial")
     if unresolved.any():
         warnings.append(
             f"{int(unresolved.sum())} block(s) show substitution that is judged immaterial and stay on their edges: "

@@ -6,7 +6,9 @@ they never share products or substitution edges), simulates the closed-loop sale
 first differences (`estimation.first_differences_pandas`, the same per-pool and per-product
 functions as the Spark path; trigger events passed as known events) and fits both estimators;
 the peers (FeedX, cluster-experiments, pyfixest: `benchmarks/peers.py`, installed by
-`make bench-setup`) get the same experiment rows. The truth is the simulator's
+`make bench-setup`) get the same experiment rows. Both pricelab estimators get the world's true
+substitute groups as the clusters their bootstrap resamples whole (standing in for the
+product_clusters snapshot; `--no-cluster-bootstrap` resamples randomisation units only). The truth is the simulator's
 `true_direct_effect` for product units (a product's neighbours are equally often treated in
 either arm, so spillover does not bias the comparison in expectation) and `true_global_effect`
 for cluster units.
@@ -230,11 +232,12 @@ def replicate(job: tuple[int, dict]) -> list[dict]:
         base = {"seed": seed, "regime": opts.get("regime", "default"), "design": label, **truth_of,
                 "carryover_control": carryover}
         started = time.time()
-        did = estimation.DiDEstimator(n_bootstrap=opts["bootstrap"], random_state=seed).fit(fd)
+        blocks = clusters if opts.get("cluster_bootstrap", True) else None
+        did = estimation.DiDEstimator(n_bootstrap=opts["bootstrap"], random_state=seed).fit(fd, blocks)
         did_seconds = time.time() - started + fd_seconds
         started = time.time()
         hpte = estimation.HPTEEstimator(n_bootstrap=opts["bootstrap"], trim_k=opts["trim_k"],
-                                        n_estimators=opts["trees"], random_state=seed).fit(fd, world.catalog)
+                                        n_estimators=opts["trees"], random_state=seed).fit(fd, world.catalog, blocks)
         hpte_seconds = time.time() - started + fd_seconds
         for name, model, seconds in (("did", did, did_seconds), ("hpte", hpte, hpte_seconds)):
             rows.append({
@@ -339,12 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--designs", default="", help="comma list of design labels to run (default: all)")
     parser.add_argument("--peers", default="all", help="'all' (those installed: make bench-setup), 'none', or a comma list")
     parser.add_argument("--timing", default="", help="comma list of product counts to time HPTE on (B = --bootstrap), e.g. 10000,100000")
+    parser.add_argument("--no-cluster-bootstrap", action="store_true",
+                        help="resample randomisation units only (default: the true substitute groups whole)")
     parser.add_argument("--skip-assignment-check", action="store_true")
     parser.add_argument("--out", default="", help="optional CSV of per-replication rows")
     args = parser.parse_args(argv)
     chosen_peers = (peers.available_peers() if args.peers == "all" else [] if args.peers == "none"
                     else [p.strip() for p in args.peers.split(",") if p.strip()])
-    params = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "skip_assignment_check"))
+    params = " ".join(f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}") for k, v in vars(args).items()
+                      if k not in ("out", "skip_assignment_check") and v is not False)
     print(f"benchmarks/estimators.py {params}", flush=True)
     print(f"peers: {', '.join(chosen_peers) or 'none'}", flush=True)
     if args.timing:
@@ -360,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(seed, {"products": args.products, "subclasses": args.subclasses, "weeks": args.weeks,
                     "price_change": args.price_change, "bootstrap": args.bootstrap, "trees": args.trees,
                     "trim_k": args.trim_k, "carryover": args.carryover, "regime": regime, "peers": chosen_peers,
+                    "cluster_bootstrap": not args.no_cluster_bootstrap,
                     "designs": [d.strip() for d in args.designs.split(",") if d.strip()]})
             for regime in regimes for seed in range(args.replications)]
     results = run_replications(replicate, jobs, args.workers, started, args.out)

@@ -77,6 +77,11 @@ BLENDED = ("trend+seasonality", "level_4w+weekday")  # "blend" is the mean of th
 MIN_FACTOR_DAYS = 7  # pre-period days a known factor must move on to be fitted
 MAX_FACTOR_EFFECT = 5.0  # largest plausible known-factor effect, in units per unit of factor, x the product's mean
 ADJUSTMENT_COVARIATES = ("pre_mean", "recent_mean", "placebo", "recent_gap")
+# switchback designs: only covariates that do not depend on the product's own treated/control day
+# pattern (the placebo and the gap are computed on that pattern, so they carry its assignment: a
+# slope on them takes assignment-driven spread out of the bootstrap without taking it out of the
+# estimate; in the simulator's crossovers that made the SE ~15% too small)
+SWITCHBACK_ADJUSTMENT_COVARIATES = ("pre_mean", "recent_mean")
 
 
 @dataclass(frozen=True)
@@ -703,7 +708,7 @@ def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def regression_adjustment(fd: pd.DataFrame, groups: np.ndarray, n_folds: int, rng: np.random.Generator,
-                          covariates=ADJUSTMENT_COVARIATES, pooled: bool = True) -> tuple[np.ndarray, float, list[str]]:
+                          covariates=None, pooled: bool = True) -> tuple[np.ndarray, float, list[str]]:
     """CUPED-style adjusted first differences: (values, variance reduction, covariates used).
 
     Every product gets y - (x - mean(x)) @ theta, mean(x) over all products of the experiment.
@@ -720,8 +725,15 @@ def regression_adjustment(fd: pd.DataFrame, groups: np.ndarray, n_folds: int, rn
     placebo first difference of the stretch just before the window, and the gap between the
     chosen counterfactual's prediction and the 4-week level's, which lets the regression blend
     the two), so they cannot carry the
-    treatment. The variance reduction is 1 - var(adjusted) / var(raw) within groups.
+    treatment; switchback designs use `SWITCHBACK_ADJUSTMENT_COVARIATES` (the default when
+    `covariates` is None). In a switchback design the adjustment leaves every comparison group's
+    mean as it is (each product is its own control): it only takes the products' differing
+    effects out of the bootstrap's spread. The variance reduction is 1 - var(adjusted) / var(raw)
+    within groups.
     """
+    if covariates is None:
+        switchback = "arm" in fd.columns and bool((fd["arm"] == "switchback").any())
+        covariates = SWITCHBACK_ADJUSTMENT_COVARIATES if switchback else ADJUSTMENT_COVARIATES
     y = fd["first_difference"].to_numpy(float)
     columns = [c for c in covariates if c in fd.columns]
     if not columns or len(y) < 4:
@@ -758,35 +770,90 @@ def regression_adjustment(fd: pd.DataFrame, groups: np.ndarray, n_folds: int, rn
     return adjusted, (1.0 - within(adjusted) / raw) if raw > 0 else 0.0, columns
 
 
+MIN_BOOTSTRAP_BLOCKS = 20  # fewer substitute clusters than this: resample units (a block bootstrap over a handful of blocks has too few degrees of freedom)
+
+
+class BootstrapBlocks:
+    """Which randomisation units are resampled together.
+
+    Without clusters every unit is its own block, resampled within its comparison group (arm or
+    crossover sequence). With `clusters` (product_id, cluster_id: the substitution clusters of the
+    snapshot in force) a unit belongs to the cluster of its first product, and within each
+    comparison group the cluster's units there are resampled together: products of one cluster
+    share their substitutes' prices, so in a product-randomised experiment their errors are
+    correlated (in a crossover, two substitutes in one sequence both carry minus their cross
+    effect), which a product bootstrap misses. Resampling stays within group because the
+    randomisation put products, not clusters, into the groups (a shared draw across groups would
+    treat each cluster's split as fixed and lose that variance). Blocks are used only in switchback
+    designs, where every product is its own control so a trait its cluster shares (similar
+    products sell alike) cancels: in a between design products of one cluster land in both arms
+    by chance, such a trait is ordinary product-level variance, and resampling clusters would
+    overstate the SE. And only when they are coarser than the units and at least
+    `MIN_BOOTSTRAP_BLOCKS` of them hold data.
+    """
+
+    def __init__(self, fd: pd.DataFrame, clusters: pd.DataFrame | None = None):
+        units = fd["unit_id"].astype(str).to_numpy()
+        self.blocks = None
+        self.block_of_unit = None
+        switchback = "arm" in fd.columns and bool((fd["arm"] == "switchback").any())
+        if switchback and clusters is not None and len(clusters) and len(fd):
+            cluster_of = clusters.assign(product_id=clusters["product_id"].astype(str)).drop_duplicates("product_id")
+            cluster_of = cluster_of.set_index("product_id")["cluster_id"].astype(str)
+            block = fd["product_id"].astype(str).map(cluster_of)
+            block = block.where(block.notna(), "unit:" + pd.Series(units, index=fd.index)).to_numpy(dtype=object)
+            first = pd.Series(block).groupby(units, sort=False).first()  # a unit lies in one block
+            block = first.reindex(units).to_numpy(dtype=object)
+            n_blocks, n_units = len(np.unique(block)), len(np.unique(units))
+            if MIN_BOOTSTRAP_BLOCKS <= n_blocks < n_units:
+                self.blocks, self.block_of_unit = block, first
+        self.n_blocks = len(np.unique(self.blocks)) if self.blocks is not None else len(np.unique(units))
+        self.kind = "clusters" if self.blocks is not None else "units"
+
+    def weights(self, group_units: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
+        """(n_bootstrap x len(group_units)) bootstrap counts of one group's units: its blocks
+        resampled with replacement, each unit weighted by its block's count."""
+        if self.blocks is None:
+            return rng.multinomial(len(group_units), np.full(len(group_units), 1 / len(group_units)), size=n_bootstrap).astype(float)
+        block_ids, index = np.unique(self.block_of_unit.reindex(group_units).to_numpy(dtype=object), return_inverse=True)
+        k = len(block_ids)
+        return rng.multinomial(k, np.full(k, 1 / k), size=n_bootstrap).astype(float)[:, index]
+
+
 def _group_means_and_draws(units: np.ndarray, values: np.ndarray, mask: np.ndarray, n_bootstrap: int,
-                           rng: np.random.Generator) -> tuple[float, np.ndarray, int]:
-    """Mean of `values` over rows in `mask` and its unit-bootstrap draws (units resampled with replacement)."""
+                           rng: np.random.Generator, blocks: BootstrapBlocks | None = None) -> tuple[float, np.ndarray, int]:
+    """Mean of `values` over rows in `mask` and its bootstrap draws (units, or their blocks, resampled with replacement)."""
     group_units, row = np.unique(units[mask], return_inverse=True)
     sums = np.bincount(row, weights=values[mask], minlength=len(group_units))
     counts = np.bincount(row, minlength=len(group_units)).astype(float)
-    draws = rng.multinomial(len(group_units), np.full(len(group_units), 1 / len(group_units)), size=n_bootstrap)
+    if blocks is None:
+        draws = rng.multinomial(len(group_units), np.full(len(group_units), 1 / len(group_units)), size=n_bootstrap)
+    else:
+        draws = blocks.weights(group_units, n_bootstrap, rng)
     return float(sums.sum() / counts.sum()), (draws @ sums) / np.maximum(draws @ counts, 1e-12), len(group_units)
 
 
 def _balanced_effect(units: np.ndarray, values: np.ndarray, groups: np.ndarray, switchback: bool, n_bootstrap: int,
-                     rng: np.random.Generator) -> tuple[float, np.ndarray]:
+                     rng: np.random.Generator, blocks: BootstrapBlocks | None = None) -> tuple[float, np.ndarray]:
     """Between designs: treated mean - control mean; switchback: the mean over comparison groups
-    of each group's mean (crossover: the two sequences weighted equally). Bootstrap within group."""
+    of each group's mean (crossover: the two sequences weighted equally). Bootstrap within group,
+    or over the blocks of `blocks` (`BootstrapBlocks`)."""
     if switchback:
-        parts = [_group_means_and_draws(units, values, groups == g, n_bootstrap, rng) for g in sorted(np.unique(groups))]
+        parts = [_group_means_and_draws(units, values, groups == g, n_bootstrap, rng, blocks) for g in sorted(np.unique(groups))]
         return float(np.mean([p[0] for p in parts])), np.mean([p[1] for p in parts], axis=0)
-    treated = _group_means_and_draws(units, values, groups == "treatment", n_bootstrap, rng)
-    control = _group_means_and_draws(units, values, groups == "control", n_bootstrap, rng)
+    treated = _group_means_and_draws(units, values, groups == "treatment", n_bootstrap, rng, blocks)
+    control = _group_means_and_draws(units, values, groups == "control", n_bootstrap, rng, blocks)
     return treated[0] - control[0], treated[1] - control[1]
 
 
-def carryover_check(fd: pd.DataFrame, z: float = 1.96) -> dict:
+def carryover_check(fd: pd.DataFrame, z: float = 1.96, blocks: BootstrapBlocks | None = None) -> dict:
     """Carryover of a switchback experiment from its own data (lag one).
 
     Per product, `carryover_difference` is the mean residual of control days right after a
     treated day minus that of control days after a control day: zero without carryover, the
     leftover of the effect with it. Averaged over randomisation units (SE from their spread);
-    flagged when its 95% interval excludes zero. `carryover_bias` estimates what it does to the
+    flagged when its 95% interval excludes zero. With `blocks` (`BootstrapBlocks` over substitute
+    clusters) the average is over blocks, for the same reason as the effect's bootstrap. `carryover_bias` estimates what it does to the
     effect: minus the estimate times the share of analysed control days that follow a treated
     day (lag one only, so a lower bound for slowly decaying carryover). NaN (no flag) for
     between designs, and where blackout days leave no control day right after a treated one.
@@ -797,7 +864,10 @@ def carryover_check(fd: pd.DataFrame, z: float = 1.96) -> dict:
     rows = fd[np.isfinite(fd["carryover_difference"].to_numpy(float))]
     if rows["unit_id"].nunique() < 3:
         return empty
-    per_unit = rows.groupby("unit_id")["carryover_difference"].mean()
+    level = rows["unit_id"].astype(str)
+    if blocks is not None and blocks.blocks is not None:
+        level = pd.Series(blocks.blocks, index=fd.index)[rows.index]
+    per_unit = rows.groupby(level.to_numpy())["carryover_difference"].mean()
     estimate = float(per_unit.mean())
     se = float(per_unit.std(ddof=1) / np.sqrt(len(per_unit)))
     share = float(rows["after_treated_share"].mean()) if "after_treated_share" in rows.columns else np.nan
@@ -825,7 +895,8 @@ class DiDEstimator:
         self.adjust = adjust
         self.adjust_folds = adjust_folds
 
-    def fit(self, first_differences: pd.DataFrame) -> "DiDEstimator":
+    def fit(self, first_differences: pd.DataFrame, clusters: pd.DataFrame | None = None) -> "DiDEstimator":
+        """`clusters` (product_id, cluster_id): substitute clusters resampled whole (`BootstrapBlocks`)."""
         fd = _in_product_order(first_differences.dropna(subset=["first_difference"]))
         rng = np.random.default_rng(self.random_state)
         switchback = bool((fd["arm"] == "switchback").any())
@@ -843,7 +914,10 @@ class DiDEstimator:
             else (fd["first_difference"].to_numpy(float), 0.0, [])
         )
         units = fd["unit_id"].astype(str).to_numpy()
-        self.effect_, self.bootstrap_ = _balanced_effect(units, y, groups, switchback, self.n_bootstrap, rng)
+        blocks = BootstrapBlocks(fd, clusters)
+        self.bootstrap_blocks_ = f"{blocks.n_blocks} {blocks.kind}"
+        self.effect_, self.bootstrap_ = _balanced_effect(units, y, groups, switchback, self.n_bootstrap, rng,
+                                                         blocks if blocks.blocks is not None else None)
         self.se_ = float(np.std(self.bootstrap_, ddof=1))
         low, high = np.quantile(self.bootstrap_, [self.alpha / 2, 1 - self.alpha / 2])
         # basic (pivotal) bootstrap interval: centred on the estimate, robust to a skewed draw
@@ -852,7 +926,7 @@ class DiDEstimator:
         self.n_control_ = int((groups == "control").sum()) if not switchback else len(fd)
         self.n_products_ = int(fd["product_id"].nunique())
         self.n_units_ = int(fd["unit_id"].nunique())
-        self.carryover_ = carryover_check(fd)
+        self.carryover_ = carryover_check(fd, blocks=blocks)
         return self
 
 
@@ -979,6 +1053,24 @@ def _draw_matrix(n_units: int, n_draws: int, rng: np.random.Generator) -> np.nda
     return np.vstack([np.ones((1, n_units)), draws]).astype(float)
 
 
+def _leaf_weighted_sums(s_t, n_t, s_c, n_c, switchback: bool, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sums over the leaves (`axis`) of weight x leaf difference and of weight (see
+    `_leaf_weighted_effect`), computed in place on the given arrays to spare memory."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if switchback:
+            weight = n_t
+            contribution = s_t  # weight * (s_t / n_t)
+            return contribution.sum(axis=axis), weight.sum(axis=axis)
+        valid = (n_t > 0) & (n_c > 0)
+        np.divide(s_t, n_t, out=s_t, where=valid)
+        np.divide(s_c, n_c, out=s_c, where=valid)
+        np.subtract(s_t, s_c, out=s_t)  # leaf difference
+        np.add(n_t, n_c, out=n_t)  # leaf weight
+        np.multiply(n_t, valid, out=n_t)
+        np.multiply(s_t, n_t, out=s_t)  # zero where not valid
+        return s_t.sum(axis=axis), n_t.sum(axis=axis)
+
+
 def _leaf_weighted_effect(s_t, n_t, s_c, n_c, switchback: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per draw (rows) over leaf columns: (effect, leaf differences, leaf weights).
 
@@ -1095,8 +1187,10 @@ class HPTEEstimator:
         importance = np.mean(importances, axis=0) if importances else np.full(x.shape[1], np.nan)
         return leaves, importance
 
-    def fit(self, first_differences: pd.DataFrame, features: pd.DataFrame | None = None) -> "HPTEEstimator":
-        """Fit on one experiment's first differences (and catalogue attributes by product_id)."""
+    def fit(self, first_differences: pd.DataFrame, features: pd.DataFrame | None = None,
+            clusters: pd.DataFrame | None = None) -> "HPTEEstimator":
+        """Fit on one experiment's first differences (and catalogue attributes by product_id);
+        `clusters` (product_id, cluster_id): substitute clusters, resampled whole (`BootstrapBlocks`)."""
         fd = _in_product_order(first_differences.dropna(subset=["first_difference"])).drop_duplicates("product_id")
         fd = fd.reset_index(drop=True)
         if fd.empty:
@@ -1104,16 +1198,32 @@ class HPTEEstimator:
         rng = np.random.default_rng(self.random_state)
         switchback = bool((fd["arm"] == "switchback").any())
         groups = comparison_groups(fd)
-        self.carryover_ = carryover_check(fd)
-        if self.adjust:  # adjust first, so the filter judges what is left after the known part
+        self.carryover_ = carryover_check(fd, blocks=BootstrapBlocks(fd, clusters))
+
+        def adjust(fd: pd.DataFrame, groups: np.ndarray) -> pd.DataFrame:
+            if not self.adjust:
+                self.variance_reduction_, self.covariates_ = 0.0, []
+                return fd
             adjusted, self.variance_reduction_, self.covariates_ = regression_adjustment(fd, groups, self.adjust_folds, rng)
-            fd = fd.assign(raw_first_difference=fd["first_difference"], first_difference=adjusted)
-        else:
-            self.variance_reduction_, self.covariates_ = 0.0, []
+            return fd.assign(raw_first_difference=fd["first_difference"], first_difference=adjusted)
+
+        # Between designs: adjust first, so the filter judges what is left after the known part (a
+        # product's level, which differs between arms by chance). Switchback designs: every product
+        # is its own control, so the adjustment leaves each group's mean as it is and only takes
+        # the products' differing effects out of the spread; the filter judges the raw within-product
+        # differences (its job is noise: spikes, breaks), not how far a product's effect lies from
+        # the covariates' prediction, which is real heterogeneity (trimming on it biased the
+        # simulator's random days by ~0.2 SE and raised the crossover's error).
+        if not switchback:
+            fd = adjust(fd, groups)
         keep = trim_outliers(fd, self.trim_k, groups, self.trim_sd)
         self.n_trimmed_ = int((~keep).sum())
         self.trimmed_products_ = fd.loc[~keep, "product_id"].tolist()
         fd, groups = fd[keep].reset_index(drop=True), groups[keep]
+        if switchback:
+            fd = adjust(fd, groups)
+        blocks = BootstrapBlocks(fd, clusters)
+        self.bootstrap_blocks_ = f"{blocks.n_blocks} {blocks.kind}"
         for group in ("treatment", "control") if not switchback else np.unique(groups):
             n_units = fd.loc[groups == group, "unit_id"].nunique()
             if n_units < 2:
@@ -1131,39 +1241,54 @@ class HPTEEstimator:
         leaf_column = leaf_column.reshape(leaves.shape)
         n_columns = len(leaf_ids)
 
-        # unit-by-leaf sums and counts per arm (switchback: everything in the 'treated' slot)
+        # unit-by-leaf sums and counts per arm (switchback: everything in the 'treated' slot, and no
+        # leaf bootstrap: the estimate is the balanced mean below, the leaves only describe)
         first_arm = np.ones(len(fd), bool) if switchback else treated
+        n_draws = 0 if switchback else self.n_bootstrap
         sums, draws = [], []
         for mask in (first_arm, ~first_arm):
             arm_units, unit_row = np.unique(units[mask], return_inverse=True)
             sums.append((
-                _membership(unit_row, leaf_column[mask], y[mask], len(arm_units), n_columns),
-                _membership(unit_row, leaf_column[mask], np.ones(mask.sum()), len(arm_units), n_columns),
+                _membership(unit_row, leaf_column[mask], y[mask], len(arm_units), n_columns).tocsc(),
+                _membership(unit_row, leaf_column[mask], np.ones(mask.sum()), len(arm_units), n_columns).tocsc(),
             ))
-            draws.append(_draw_matrix(len(arm_units), self.n_bootstrap, rng) if len(arm_units) else None)
+            if not len(arm_units) or not n_draws:
+                draws.append(None)
+            elif blocks.blocks is None:  # (units x draws), C order: the draws are the inner, vectorised axis
+                draws.append(np.ascontiguousarray(_draw_matrix(len(arm_units), n_draws, rng)[1:].T))
+            else:
+                draws.append(np.ascontiguousarray(blocks.weights(arm_units, n_draws, rng).T))
 
-        def leaf_sums(arm: int, rows: slice) -> tuple[np.ndarray, np.ndarray]:
-            if draws[arm] is None:
-                empty = np.zeros((rows.stop - rows.start, n_columns))
-                return empty, empty
-            d = draws[arm][rows]
-            return np.asarray((sums[arm][0].T @ d.T).T), np.asarray((sums[arm][1].T @ d.T).T)
-
-        estimates = np.empty(self.n_bootstrap + 1)
-        chunk = max(1, int(4e6 // max(n_columns, 1)))
-        for start in range(0, self.n_bootstrap + 1, chunk):
-            rows = slice(start, min(start + chunk, self.n_bootstrap + 1))
-            (s_t, n_t), (s_c, n_c) = leaf_sums(0, rows), leaf_sums(1, rows)
-            effect, difference, weight = _leaf_weighted_effect(s_t, n_t, s_c, n_c, switchback)
-            estimates[rows] = effect
-            if start == 0:
-                point = (s_t[0], n_t[0], s_c[0], n_c[0], difference[0], weight[0])
+        # the sample itself: per-leaf sums and the point estimate
+        (s_t, n_t), (s_c, n_c) = [(np.asarray(m.sum(axis=0)).ravel(), np.asarray(c.sum(axis=0)).ravel()) for m, c in sums]
+        effect, difference, weight = _leaf_weighted_effect(s_t[None], n_t[None], s_c[None], n_c[None], switchback)
+        point = (s_t, n_t, s_c, n_c, difference[0], weight[0])
+        # bootstrap draws, a block of leaf columns at a time (leaves of different trees are
+        # disjoint, so the leaf-weighted sums add up over blocks): one sparse (leaves x units) by
+        # dense (units x draws) product per arm and quantity, all draws at once
+        numerator, denominator = np.zeros(n_draws), np.zeros(n_draws)
+        block = max(1, int(8e6 // max(n_draws, 1)))
+        for first in range(0, n_columns if n_draws else 0, block):
+            columns = slice(first, min(first + block, n_columns))
+            parts = []
+            for (m, c), d in zip(sums, draws):
+                if d is None:
+                    zero = np.zeros((columns.stop - columns.start, n_draws))
+                    parts += [zero, zero]
+                else:
+                    parts += [np.asarray(m[:, columns].T @ d), np.asarray(c[:, columns].T @ d)]
+            part_numerator, part_denominator = _leaf_weighted_sums(*parts, switchback, axis=0)
+            numerator += part_numerator
+            denominator += part_denominator
+        with np.errstate(invalid="ignore", divide="ignore"):
+            estimates = np.concatenate([effect, numerator / denominator])
         self.effect_ = float(estimates[0])
         self.bootstrap_ = estimates[1:]
         if not np.isfinite(self.effect_):
             raise ValueError("no causal-forest leaf holds both arms")
         if switchback:  # every product is its own control: the leaf average is the mean; balance sequences
-            self.effect_, self.bootstrap_ = _balanced_effect(units, y, groups, True, self.n_bootstrap, rng)
+            self.effect_, self.bootstrap_ = _balanced_effect(units, y, groups, True, self.n_bootstrap, rng,
+                                                             blocks if blocks.blocks is not None else None)
         self.bootstrap_ = self.bootstrap_[np.isfinite(self.bootstrap_)]
         self.se_ = float(np.std(self.bootstrap_, ddof=1))
         low, high = np.quantile(self.bootstrap_, [self.alpha / 2, 1 - self.alpha / 2])
@@ -1305,6 +1430,7 @@ def estimate_experiments(
     features: pd.DataFrame | None = None,
     hpte_params: dict | None = None,
     models: dict | None = None,
+    clusters: pd.DataFrame | dict | None = None,
 ) -> tuple[pd.DataFrame, dict[str, str]]:
     """One results row per experiment and estimator (contract v1), plus per-experiment problems.
 
@@ -1314,7 +1440,9 @@ def estimate_experiments(
     empty) gets no row and a message instead; the others go on. If HPTE alone fails, the DiD row
     stays and the message says so. When `models` is a dict, the fitted estimators are stored in
     it by (experiment, estimator), e.g. for the heterogeneity tables. Spillover columns stay
-    empty until it is estimated.
+    empty until it is estimated. `clusters` (product_id, cluster_id; or a dict experiment -> such
+    a frame: the product_clusters snapshot in force at its start) makes both bootstraps resample
+    substitute clusters whole (`BootstrapBlocks`).
     """
     rows, problems = [], {}
     for spec in experiments.itertuples():
@@ -1322,8 +1450,9 @@ def estimate_experiments(
         if fd.empty:
             problems[spec.name] = "no first differences yet (no sales in the window, or no history)"
             continue
+        blocks = clusters.get(spec.name) if isinstance(clusters, dict) else clusters
         try:
-            did = DiDEstimator(n_bootstrap=n_bootstrap, random_state=random_state).fit(fd)
+            did = DiDEstimator(n_bootstrap=n_bootstrap, random_state=random_state).fit(fd, blocks)
         except ValueError as exc:
             problems[spec.name] = str(exc)
             continue
@@ -1331,7 +1460,7 @@ def estimate_experiments(
         rows.append(_result_row(spec, "did", did, float(fd["counterfactual_mean"].mean()), 0, as_of, chosen))
         try:
             params = {"n_bootstrap": n_bootstrap, "random_state": random_state, **(hpte_params or {})}
-            hpte = HPTEEstimator(**params).fit(fd, features)
+            hpte = HPTEEstimator(**params).fit(fd, features, blocks)
         except ValueError as exc:
             problems[spec.name] = f"hpte not estimated: {exc}"
             hpte = None

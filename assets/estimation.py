@@ -122,9 +122,26 @@ def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.D
     return pd.DataFrame(rows, columns=["experiment", "condition", "products"]), notes
 
 
+def _clusters_in_force(context, specs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per switchback experiment: the product_clusters snapshot in force at its start (product_id,
+    cluster_id), whose clusters the bootstrap resamples whole (`estimation.BootstrapBlocks`)."""
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+    snapshots = warehouse.partitions("product_clusters", "snapshot_date")
+    found, cache = {}, {}
+    for spec in experiment_files.frame_to_specs(specs):
+        in_force = [s for s in snapshots if dt.date.fromisoformat(s) <= spec.start]
+        if spec.design not in estimation.SWITCHBACK_DESIGNS or not in_force:
+            continue
+        if in_force[-1] not in cache:
+            cache[in_force[-1]] = (warehouse.read(spark, "product_clusters", ("snapshot_date", in_force[-1]))
+                                   .select("product_id", "cluster_id").toPandas())
+        found[spec.name] = cache[in_force[-1]]
+    return found
+
+
 @dg.asset(
     group_name="results",
-    deps=["first_differences", "experiments", "experiment_sales", "substitution_graph", "daily_assignments"],
+    deps=["first_differences", "experiments", "experiment_sales", "substitution_graph", "product_clusters", "daily_assignments"],
     required_resource_keys={"spark", "warehouse"},
 )
 def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -136,7 +153,8 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     catalog = warehouse.read(spark, "catalog").toPandas()
     as_of = warehouse.read(spark, "experiment_sales").agg(F.max("date")).first()[0]
     models: dict = {}
-    results, problems = estimation.estimate_experiments(fd, specs, as_of, features=catalog, models=models)
+    results, problems = estimation.estimate_experiments(fd, specs, as_of, features=catalog, models=models,
+                                                        clusters=_clusters_in_force(context, specs))
     for name, why in problems.items():
         context.log.warning(f"experiment '{name}' not estimated: {why}")
     exposure, spillover_notes = _add_spillover(context, results, fd, specs)

@@ -568,3 +568,80 @@ def estimate_spillover(
     result["min_probability"] = float(min_probability)
     result["message"] = "; ".join(messages)
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Spillover from the controls' own forecasts (needs no graph)
+# ----------------------------------------------------------------------------------------------
+
+def _weighted_mean_and_variance(values: np.ndarray, weights: np.ndarray) -> tuple[float, float, int]:
+    """Weighted mean of independent values and the variance of that mean (ratio estimator)."""
+    ok = np.isfinite(values) & (weights > 0)
+    n = int(ok.sum())
+    if n < 2:
+        return float("nan"), float("nan"), n
+    v, w = values[ok], weights[ok] / weights[ok].sum()
+    mean = float(w @ v)
+    return mean, float(n / (n - 1) * np.sum(w**2 * (v - mean) ** 2)), n
+
+
+def spillover_from_forecasts(first_differences: pd.DataFrame, min_controls: int = 20, alpha: float = 0.05) -> dict:
+    """Spillover on the controls as their departure from their own counterfactual forecast.
+
+    A control product's first difference is its mean residual in the window (units minus the
+    counterfactual fitted on its own pre-period, `estimation.product_first_difference`). Without a
+    spillover it is forecast error: idiosyncratic noise, which averages out over the controls,
+    plus an error common to every product (a market-wide shock or a shared misfit of trend or
+    season), which does not. So the estimate is the day-weighted mean first difference of the
+    controls (the estimand is `simulation.true_effects`' mean over control product-days), and its
+    variance is the idiosyncratic part (their spread / n) plus the common part, measured where no
+    product was treated: on the back-test windows of every enrolled product (`placebo_windows`,
+    stretches of the window's length just before it, forecast the same way). Per window b, the
+    mean placebo P_b over the products has E[P_b^2] = common^2 + bias^2 + its own noise / n, so
+    common^2 = mean_b(P_b^2 - noise_b) (at least 0): a bias the forecast shows in the placebos
+    widens the interval instead of being assumed away. The interval uses Student's t with the
+    Satterthwaite degrees of freedom (few placebo windows make the common part uncertain).
+
+    It needs no substitution graph, so it is not pulled towards zero by substitutes the graph
+    could not see, and it is the same under product and cluster randomisation. Its assumption is
+    stated in `message`: without the experiment, the controls would have followed their forecasts
+    up to errors like those in the placebo windows. Anything else that moves only the controls
+    in the window (another experiment, a shock after the last placebo window) is read as spillover.
+
+    first_differences: one experiment's rows (arm, first_difference, n_window_days, placebo_windows).
+    Returns estimate, se, ci_low, ci_high, df, n_controls, common_sd, placebo_mean (mean of P_b),
+    n_placebo_windows, message.
+    """
+    from scipy import stats
+
+    _check_columns(first_differences, ("arm", "first_difference"), "first_differences")
+    fd = first_differences
+    days = fd["n_window_days"].to_numpy(float) if "n_window_days" in fd.columns else np.ones(len(fd))
+    control = (fd["arm"] == "control").to_numpy()
+    estimate, idio_var, n_controls = _weighted_mean_and_variance(fd["first_difference"].to_numpy(float)[control], days[control])
+    out = {"estimate": np.nan, "se": np.nan, "ci_low": np.nan, "ci_high": np.nan, "df": np.nan,
+           "n_controls": n_controls, "common_sd": np.nan, "placebo_mean": np.nan, "n_placebo_windows": 0}
+    if n_controls < min_controls:
+        return {**out, "message": f"spillover not estimable from forecasts: {n_controls} control product(s) with a first "
+                                  f"difference (need >= {min_controls})"}
+    windows = (np.array([np.asarray(w, dtype=float) for w in fd["placebo_windows"]])
+               if "placebo_windows" in fd.columns and len(fd) else np.empty((len(fd), 0)))
+    placebo_means, excess = [], []
+    for b in range(windows.shape[1] if windows.ndim == 2 else 0):
+        mean_b, var_b, n_b = _weighted_mean_and_variance(windows[:, b], np.ones(len(fd)))
+        if n_b >= min_controls:
+            placebo_means.append(mean_b)
+            excess.append(mean_b**2 - var_b)
+    if not placebo_means:
+        return {**out, "estimate": estimate, "message": "spillover not estimable from forecasts: no placebo window to "
+                                                        "measure the forecasts' common error on"}
+    common_var = max(float(np.mean(excess)), 0.0)
+    n_windows = len(placebo_means)
+    se = float(np.sqrt(idio_var + common_var))
+    df = float((idio_var + common_var) ** 2 / (idio_var**2 / (n_controls - 1) + common_var**2 / n_windows))
+    half = float(stats.t.ppf(1 - alpha / 2, df)) * se
+    return {**out, "estimate": estimate, "se": se, "ci_low": estimate - half, "ci_high": estimate + half, "df": df,
+            "common_sd": float(np.sqrt(common_var)), "placebo_mean": float(np.mean(placebo_means)),
+            "n_placebo_windows": n_windows,
+            "message": (f"assumes the {n_controls} controls would have followed their forecasts up to errors like those "
+                        f"of {n_windows} placebo window(s) before the experiment (common error sd {np.sqrt(common_var):.3g})")}

@@ -1261,6 +1261,10 @@ RESULT_COLUMNS = [
     "n_trimmed",
     "spillover_effect",
     "spillover_se",
+    "spillover_ci_low",  # from the controls' forecasts (spillover.spillover_from_forecasts), Student t
+    "spillover_ci_high",
+    "spillover_ipw",  # design-based IPW on the graph's exposures, beside it (spillover.estimate_spillover)
+    "spillover_ipw_se",
     "as_of",
     # precision and carryover (issue 18)
     "counterfactual",
@@ -1296,6 +1300,10 @@ def _result_row(spec, estimator: str, model, baseline: float, n_trimmed: int, as
         "n_trimmed": n_trimmed,
         "spillover_effect": np.nan,
         "spillover_se": np.nan,
+        "spillover_ci_low": np.nan,
+        "spillover_ci_high": np.nan,
+        "spillover_ipw": np.nan,
+        "spillover_ipw_se": np.nan,
         "as_of": as_of,
         "counterfactual": counterfactual,
         "variance_reduction": getattr(model, "variance_reduction_", 0.0),

@@ -539,7 +539,8 @@ def estimate_spillover(
     unsupported = exposed & (pi[CNT] == 0)  # unexposed in none of the redraws
     if not (a_spill[control] > 0).any():
         messages.append("spillover 0 by design: no control can ever be exposed to a treated neighbour "
-                        "(every neighbour, by edge or block evidence, shares its unit)")
+                        "(every neighbour, by edge or block evidence, shares its unit); substitutes the graph "
+                        "missed are not in this figure")
         result.update(spillover_effect=0.0, spillover_se=0.0, spillover_effect_ht=0.0, spillover_se_ht=0.0)
     elif unsupported.sum() > max_unsupported_share * max(exposed.sum(), 1):
         messages.append(f"spillover not estimable: {int(unsupported.sum())} of {int(exposed.sum())} exposed controls were "

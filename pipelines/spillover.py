@@ -583,18 +583,26 @@ def estimate_spillover(
 # Spillover from the controls' own forecasts (needs no graph)
 # ----------------------------------------------------------------------------------------------
 
-def _weighted_mean_and_variance(values: np.ndarray, weights: np.ndarray) -> tuple[float, float, int]:
-    """Weighted mean of independent values and the variance of that mean (ratio estimator)."""
+def _weighted_mean_and_variance(values: np.ndarray, weights: np.ndarray, groups: np.ndarray) -> tuple[float, float, int, int]:
+    """Weighted mean and the cluster-robust variance of that mean, errors correlated inside a group.
+
+    Returns (mean, variance, values used, groups used); with fewer than two groups each value is
+    its own group."""
     ok = np.isfinite(values) & (weights > 0)
     n = int(ok.sum())
     if n < 2:
-        return float("nan"), float("nan"), n
-    v, w = values[ok], weights[ok] / weights[ok].sum()
+        return float("nan"), float("nan"), n, 0
+    v, w, g = values[ok], weights[ok] / weights[ok].sum(), groups[ok]
     mean = float(w @ v)
-    return mean, float(n / (n - 1) * np.sum(w**2 * (v - mean) ** 2)), n
+    labels, index = np.unique(g, return_inverse=True)
+    if len(labels) < 2:
+        index, labels = np.arange(n), np.arange(n)
+    sums = np.bincount(index, weights=w * (v - mean), minlength=len(labels))
+    return mean, float(len(labels) / (len(labels) - 1) * np.sum(sums**2)), n, len(labels)
 
 
-def spillover_from_forecasts(first_differences: pd.DataFrame, min_controls: int = 20, alpha: float = 0.05) -> dict:
+def spillover_from_forecasts(first_differences: pd.DataFrame, min_controls: int = 20, alpha: float = 0.05,
+                             group_column: str = "pool") -> dict:
     """Spillover on the controls as their departure from their own counterfactual forecast.
 
     A control product's first difference is its mean residual in the window (units minus the
@@ -603,13 +611,16 @@ def spillover_from_forecasts(first_differences: pd.DataFrame, min_controls: int 
     plus an error common to every product (a market-wide shock or a shared misfit of trend or
     season), which does not. So the estimate is the day-weighted mean first difference of the
     controls (the estimand is `simulation.true_effects`' mean over control product-days), and its
-    variance is the idiosyncratic part (their spread / n) plus the common part, measured where no
+    variance is the part that differs between the controls (cluster-robust over `group_column`, the
+    counterfactual's pool: products of a subclass share season and weekday misfits, so their errors
+    are correlated; each product is its own group when the column is absent) plus the part common
+    to every product, measured where no
     product was treated: on the back-test windows of every enrolled product (`placebo_windows`,
     stretches of the window's length just before it, forecast the same way). Per window b, the
     mean placebo P_b over the products has E[P_b^2] = common^2 + bias^2 + its own noise / n, so
     common^2 = mean_b(P_b^2 - noise_b) (at least 0): a bias the forecast shows in the placebos
     widens the interval instead of being assumed away. The interval uses Student's t with the
-    Satterthwaite degrees of freedom (few placebo windows make the common part uncertain). Its
+    Satterthwaite degrees of freedom (few pools or placebo windows make the variance uncertain). Its
     limit: with the default three windows, a common error that dominates is itself estimated
     roughly, and coverage then sits a little below 95% (about 0.90-0.92 in
     `tests/test_spillover.py`'s synthetic worlds where it is twice the idiosyncratic part).
@@ -630,7 +641,9 @@ def spillover_from_forecasts(first_differences: pd.DataFrame, min_controls: int 
     fd = first_differences
     days = fd["n_window_days"].to_numpy(float) if "n_window_days" in fd.columns else np.ones(len(fd))
     control = (fd["arm"] == "control").to_numpy()
-    estimate, idio_var, n_controls = _weighted_mean_and_variance(fd["first_difference"].to_numpy(float)[control], days[control])
+    groups = fd[group_column].astype(str).to_numpy() if group_column in fd.columns else np.arange(len(fd)).astype(str)
+    estimate, idio_var, n_controls, n_groups = _weighted_mean_and_variance(
+        fd["first_difference"].to_numpy(float)[control], days[control], groups[control])
     out = {"estimate": np.nan, "se": np.nan, "ci_low": np.nan, "ci_high": np.nan, "df": np.nan,
            "n_controls": n_controls, "common_sd": np.nan, "placebo_mean": np.nan, "n_placebo_windows": 0}
     if n_controls < min_controls:
@@ -640,7 +653,7 @@ def spillover_from_forecasts(first_differences: pd.DataFrame, min_controls: int 
                if "placebo_windows" in fd.columns and len(fd) else np.empty((len(fd), 0)))
     placebo_means, excess = [], []
     for b in range(windows.shape[1] if windows.ndim == 2 else 0):
-        mean_b, var_b, n_b = _weighted_mean_and_variance(windows[:, b], np.ones(len(fd)))
+        mean_b, var_b, n_b, _ = _weighted_mean_and_variance(windows[:, b], np.ones(len(fd)), groups)
         if n_b >= min_controls:
             placebo_means.append(mean_b)
             excess.append(mean_b**2 - var_b)
@@ -650,7 +663,7 @@ def spillover_from_forecasts(first_differences: pd.DataFrame, min_controls: int 
     common_var = max(float(np.mean(excess)), 0.0)
     n_windows = len(placebo_means)
     se = float(np.sqrt(idio_var + common_var))
-    df = float((idio_var + common_var) ** 2 / (idio_var**2 / (n_controls - 1) + common_var**2 / n_windows))
+    df = float((idio_var + common_var) ** 2 / (idio_var**2 / (n_groups - 1) + common_var**2 / n_windows))
     half = float(stats.t.ppf(1 - alpha / 2, df)) * se
     return {**out, "estimate": estimate, "se": se, "ci_low": estimate - half, "ci_high": estimate + half, "df": df,
             "common_sd": float(np.sqrt(common_var)), "placebo_mean": float(np.mean(placebo_means)),

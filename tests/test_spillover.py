@@ -249,6 +249,20 @@ def test_forecast_spillover_covers_with_and_without_a_common_error(common_sd):
     assert abs(estimates.mean() + 0.5) < 3 * np.std(estimates) / np.sqrt(len(estimates))
 
 
+def test_forecast_spillover_variance_is_robust_to_errors_shared_inside_a_pool():
+    """Errors shared by the products of a pool (a subclass's season misfit) do not average out over
+    its products: the cluster-robust variance sees them where the product-level one does not."""
+    rng = np.random.default_rng(5)
+    frame = _forecast_world(rng, -0.5, 0.0)
+    frame["pool"] = np.arange(len(frame)) % 10
+    shared = rng.normal(0, 1.0, 10)[frame["pool"]]
+    frame["first_difference"] += shared
+    by_pool = spillover.spillover_from_forecasts(frame)
+    by_product = spillover.spillover_from_forecasts(frame, group_column="no-such-column")
+    assert by_pool["se"] > 2 * by_product["se"]
+    assert by_pool["df"] < 12  # ten pools: Student t with few degrees of freedom
+
+
 def test_forecast_spillover_says_why_it_cannot_estimate():
     few = _forecast_world(np.random.default_rng(1), -0.5, 0.0, n=20)
     assert "need >= 20" in spillover.spillover_from_forecasts(few)["message"]

@@ -78,8 +78,8 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
 
 
 def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.DataFrame):
-    """Fill `spillover_effect`/`spillover_se` (IPW over exposure conditions on the graph snapshot
-    in force at each experiment's start); return exposure counts and a note per experiment."""
+    """Fill the spillover columns of the between-product experiments (`spillover.experiment_spillover`,
+    the IPW part on the graph snapshot in force at each start); return exposure counts and notes."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     snapshots = warehouse.partitions("substitution_graph", "snapshot_date")
     between = [s.name for s in experiment_files.frame_to_specs(specs) if s.design in spillover.DRAWN_ONCE_DESIGNS]
@@ -90,35 +90,25 @@ def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.D
         if spec.name not in set(results["experiment"]):
             continue
         if spec.design not in spillover.DRAWN_ONCE_DESIGNS:
-            notes[spec.name] = "not estimated: exposure weighting needs a design drawn once (time_bound, triggered)"
+            notes[spec.name] = "not estimated: no product is a control throughout a design that switches arms over time"
             continue
+        edges = units = None
         in_force = [s for s in snapshots if dt.date.fromisoformat(s) <= spec.start]
-        if not in_force or not warehouse.exists("enrolments", ("experiment", spec.name)):
-            notes[spec.name] = "not estimated: no graph snapshot or enrolment in force at its start"
-            continue
-        snapshot = ("snapshot_date", in_force[-1])
-        edges = warehouse.read(spark, "substitution_graph", snapshot).toPandas()
-        blocks = warehouse.read(spark, graph.BLOCKS_TABLE, snapshot).toPandas() if warehouse.exists(graph.BLOCKS_TABLE, snapshot) else None
-        edges = spillover.exposure_edges(edges, blocks, catalog)
-        units = warehouse.read(spark, "enrolments", ("experiment", spec.name)).drop("experiment").toPandas()
-        published = published_all[published_all["experiment"] == spec.name]
-        try:
-            found = spillover.estimate_spillover(fd[fd["experiment"] == spec.name], published, edges, spec, units=units)
-        except ValueError as exc:
-            notes[spec.name] = f"not estimated: {exc}"
-            context.log.warning(f"spillover of '{spec.name}' not estimated: {exc}")
-            continue
+        if in_force and warehouse.exists("enrolments", ("experiment", spec.name)):
+            snapshot = ("snapshot_date", in_force[-1])
+            blocks = warehouse.read(spark, graph.BLOCKS_TABLE, snapshot).toPandas() if warehouse.exists(graph.BLOCKS_TABLE, snapshot) else None
+            edges = spillover.exposure_edges(warehouse.read(spark, "substitution_graph", snapshot).toPandas(), blocks, catalog)
+            units = warehouse.read(spark, "enrolments", ("experiment", spec.name)).drop("experiment").toPandas()
+        found = spillover.experiment_spillover(fd[fd["experiment"] == spec.name], spec,
+                                               published_all[published_all["experiment"] == spec.name], edges, units)
         mask = results["experiment"] == spec.name
-        results.loc[mask, "spillover_effect"] = found["spillover_effect"]
-        results.loc[mask, "spillover_se"] = found["spillover_se"]
+        for column in ("spillover_effect", "spillover_se", "spillover_ci_low", "spillover_ci_high", "spillover_ipw", "spillover_ipw_se"):
+            results.loc[mask, column] = found[column]
+        if found["ipw_message"].startswith("not estimated"):
+            context.log.warning(f"spillover IPW of '{spec.name}' {found['ipw_message']}")
         rows += [{"experiment": spec.name, "condition": c, "products": int(n)} for c, n in found["exposure_counts"].items()]
-        notes[spec.name] = {
-            "spillover_effect": found["spillover_effect"],
-            "spillover_se": found["spillover_se"],
-            "stabilised_products": found["n_stabilised"],
-            "exposed_control_share": found["exposed_control_share"],
-            "message": found["message"],
-        }
+        notes[spec.name] = {key: found[key] for key in ("spillover_effect", "spillover_se", "spillover_ipw", "spillover_ipw_se",
+                                                        "message", "ipw_message")}
     return pd.DataFrame(rows, columns=["experiment", "condition", "products"]), notes
 
 

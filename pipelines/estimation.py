@@ -52,10 +52,13 @@ FIRST_DIFFERENCE_SCHEMA = T.StructType(
         T.StructField("candidate_fd", T.ArrayType(T.DoubleType())),
         T.StructField("candidate_error", T.ArrayType(T.DoubleType())),
         T.StructField("candidate_placebo", T.ArrayType(T.DoubleType())),
+        # every back-test window's placebo per candidate, candidate-major (n_candidates x windows)
+        T.StructField("candidate_placebo_windows", T.ArrayType(T.DoubleType())),
         T.StructField("candidate_carryover", T.ArrayType(T.DoubleType())),
         # regression-adjustment covariates and design details
         T.StructField("recent_mean", T.DoubleType()),
         T.StructField("placebo", T.DoubleType()),
+        T.StructField("placebo_windows", T.ArrayType(T.DoubleType())),  # the chosen candidate's, per window
         T.StructField("recent_gap", T.DoubleType()),
         T.StructField("sequence", T.StringType()),
         T.StructField("carryover_difference", T.DoubleType()),
@@ -454,9 +457,11 @@ def product_first_difference(
                 "candidate_fd": fd.tolist(),
                 "candidate_error": error.tolist(),
                 "candidate_placebo": placebo.tolist(),
+                "candidate_placebo_windows": backtest.ravel().tolist(),
                 "candidate_carryover": carry.tolist(),
                 "recent_mean": float(adj_pre[recent].mean()),
                 "placebo": float(placebo[0]),
+                "placebo_windows": backtest[0].tolist(),
                 "recent_gap": np.nan,
                 "sequence": sequence,
                 "carryover_difference": float(carry[0]),
@@ -491,9 +496,11 @@ def choose_counterfactual(first_differences: pd.DataFrame) -> pd.DataFrame:
         take = np.where(usable[:, best], best, 0)
         pick = lambda column: np.array(rows[column].tolist(), dtype=float)[np.arange(len(rows)), take]  # noqa: E731
         chosen_fd = pick("candidate_fd")
+        windows = np.array(rows["candidate_placebo_windows"].tolist(), dtype=float).reshape(len(rows), fd.shape[1], -1)
         recent = fd[:, COUNTERFACTUALS.index("level_4w")]
         out.append(rows.assign(
             first_difference=chosen_fd, placebo=pick("candidate_placebo"),
+            placebo_windows=list(windows[np.arange(len(rows)), take]),
             recent_gap=np.where(np.isfinite(recent), chosen_fd - recent, 0.0),
             carryover_difference=pick("candidate_carryover"), backtest_error=error[np.arange(len(rows)), take],
             counterfactual=np.where(take == best, COUNTERFACTUALS[best], COUNTERFACTUALS[0]),
@@ -1379,6 +1386,10 @@ RESULT_COLUMNS = [
     "n_trimmed",
     "spillover_effect",
     "spillover_se",
+    "spillover_ci_low",  # from the controls' forecasts (spillover.spillover_from_forecasts), Student t
+    "spillover_ci_high",
+    "spillover_ipw",  # design-based IPW on the graph's exposures, beside it (spillover.estimate_spillover)
+    "spillover_ipw_se",
     "as_of",
     # precision and carryover (issue 18)
     "counterfactual",
@@ -1414,6 +1425,10 @@ def _result_row(spec, estimator: str, model, baseline: float, n_trimmed: int, as
         "n_trimmed": n_trimmed,
         "spillover_effect": np.nan,
         "spillover_se": np.nan,
+        "spillover_ci_low": np.nan,
+        "spillover_ci_high": np.nan,
+        "spillover_ipw": np.nan,
+        "spillover_ipw_se": np.nan,
         "as_of": as_of,
         "counterfactual": counterfactual,
         "variance_reduction": getattr(model, "variance_reduction_", 0.0),

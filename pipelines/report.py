@@ -23,11 +23,16 @@ def results_table(
         "experiment", "design", "estimator", "effect", "se", "ci_low", "ci_high", "relative_effect",
         "n_products", "n_trimmed", "spillover_effect", "spillover_se",
     ]
+    # the spillover interval (Student t, from the controls' forecasts) and the graph-based IPW beside it
+    columns += [c for c in ("spillover_ci_low", "spillover_ci_high", "spillover_ipw") if c in results.columns]
     # precision and carryover, when the results have them: the counterfactual the back-test chose,
     # the variance the regression adjustment removed, and the switchback carryover check
     columns += [c for c in ("counterfactual", "variance_reduction", "carryover_estimate", "carryover_flag",
                             "carryover_bias") if c in results.columns]
     table = results[columns].copy()
+    if "carryover_flag" in table.columns:  # a flag reads "flagged" or nothing; a bare "NO" reads like a failed check
+        flagged = table["carryover_flag"].astype("boolean").fillna(False).astype(bool)
+        table["carryover_flag"] = np.where(flagged, "flagged", "")
     if truth is not None and not truth.empty:
         units = dict(zip(experiments["name"], experiments["unit"])) if experiments is not None else {}
         table = table.merge(truth[["experiment", "true_direct_effect", "true_global_effect"]], on="experiment", how="left")
@@ -114,10 +119,14 @@ def report_markdown(
             "",
             format_table(wide.reset_index()),
             "",
-            "Exposure is measured on the substitution graph's edges and, in blocks randomised whole "
+            "`spillover_effect` (with its interval) is the controls' departure from their own forecasts: "
+            "it needs no graph, and its interval carries the forecasts' common error measured on placebo "
+            "windows before the experiment. `spillover_ipw` is the design-based contrast of the exposure "
+            "conditions above, measured on the substitution graph's edges and, in blocks randomised whole "
             "for their pooled evidence, on the treated share of the block. Substitutes neither could "
-            "detect count as unexposed, so the spillover estimate understates spillover in blocks "
-            "without evidence; see the graph's power below for the smallest cross elasticity it could see.",
+            "detect count as unexposed, so `spillover_ipw` understates spillover the graph cannot see (the "
+            "graph's power below gives the smallest cross elasticity it could see); a gap between the two "
+            "says so.",
             "",
         ]
     if graph_power:

@@ -39,7 +39,8 @@ def test_report_markdown_lists_unestimated_experiments_and_exposure():
     exposure = pd.DataFrame({"experiment": ["by-product"] * 2, "condition": ["control_exposed", "treated"], "products": [4, 5]})
     text = report.report_markdown(table, {"late": "no sales yet"}, "2026-02-15", exposure)
     assert "`late`: no sales yet" in text and "control_exposed" in text and "| by-cluster" in text
-    assert "understates spillover in blocks without evidence" in text  # the reader is told what it cannot see
+    assert "understates spillover the graph cannot see" in text  # the reader is told what it cannot see
+    assert "needs no graph" in text  # and which estimate does not depend on it
     assert report.effects_png(table)[:8] == b"\x89PNG\r\n\x1a\n"
 
 

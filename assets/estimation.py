@@ -9,6 +9,7 @@ from pyspark.sql import functions as F
 from assets.inputs import load_checked_sales, sales_check_specs
 from assets.mode import demo_mode
 from pipelines import estimation, graph, spillover
+from pipelines import metrics as metric_rules
 from pipelines import experiments as experiment_files
 
 PRE_DAYS = estimation.CounterfactualSettings().pre_days
@@ -48,24 +49,27 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     specs = warehouse.read(spark, "experiments").toPandas()
     designs = dict(zip(specs["name"], specs["design"]))
-    metrics = dict(zip(specs["name"], specs["metric"]))
+    parsed = experiment_files.frame_to_specs(specs)
+    metrics = {s.name: list(s.all_metrics) for s in parsed}
+    catalog = warehouse.read(spark, "catalog")
     fd = estimation.first_differences(
         warehouse.read(spark, "experiment_sales"),
         warehouse.read(spark, "daily_assignments"),
         designs,
         metrics,
-        catalog=warehouse.read(spark, "catalog"),  # short-history products pool within their subclass
+        catalog=catalog,  # short-history products pool within their subclass
         events=warehouse.read(spark, "trigger_events") if warehouse.exists("trigger_events") else None,
+        unit_costs=_unit_costs(spark, parsed, catalog),
     )
     warehouse.write(fd, "first_differences")
     stored = warehouse.read(spark, "first_differences")
     enrolled = warehouse.read(spark, "daily_assignments").groupBy("experiment").agg(F.countDistinct("product_id").alias("enrolled"))
     per_experiment = (
-        stored.groupBy("experiment", "arm").count().groupBy("experiment").pivot("arm").sum("count")
+        stored.select("experiment", "arm", "product_id").distinct().groupBy("experiment", "arm").count().groupBy("experiment").pivot("arm").sum("count")
         .join(enrolled, "experiment", "right").fillna(0).toPandas()
     )
     context.log.info("first differences per experiment:\n" + per_experiment.to_string(index=False))
-    chosen = stored.groupBy("experiment", "counterfactual").count().toPandas()
+    chosen = stored.groupBy("experiment", "counterfactual").agg(F.countDistinct("product_id").alias("count")).toPandas()
     counterfactuals = {name: dict(zip(rows["counterfactual"], rows["count"].astype(int)))
                        for name, rows in chosen.groupby("experiment")}
     return dg.MaterializeResult(
@@ -75,6 +79,18 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
             "note": "products enrolled but without a first difference lack pre-period history or window days",
         }
     )
+
+
+def _unit_costs(spark, specs, catalog):
+    """(experiment, product_id, unit_cost, margin_rate) of the experiments measuring profit
+    (`metrics.unit_costs`: the file's `costs`, else the catalogue's unit_cost), or None."""
+    wanted = [s for s in specs if "profit" in s.all_metrics]
+    if not wanted:
+        return None
+    columns = ["product_id", "category"] + (["unit_cost"] if "unit_cost" in catalog.columns else [])
+    rows = catalog.select(*columns).toPandas()
+    frames = [metric_rules.unit_costs(s.costs, rows).assign(experiment=s.name) for s in wanted]
+    return spark.createDataFrame(pd.concat(frames, ignore_index=True)[["experiment", "product_id", "unit_cost", "margin_rate"]])
 
 
 def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.DataFrame):
@@ -99,9 +115,11 @@ def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.D
             blocks = warehouse.read(spark, graph.BLOCKS_TABLE, snapshot).toPandas() if warehouse.exists(graph.BLOCKS_TABLE, snapshot) else None
             edges = spillover.exposure_edges(warehouse.read(spark, "substitution_graph", snapshot).toPandas(), blocks, catalog)
             units = warehouse.read(spark, "enrolments", ("experiment", spec.name)).drop("experiment").toPandas()
-        found = spillover.experiment_spillover(fd[fd["experiment"] == spec.name], spec,
+        # the spillover is estimated on the primary metric and reported on its rows
+        primary = (fd["experiment"] == spec.name) & (fd["metric"] == spec.all_metrics[0])
+        found = spillover.experiment_spillover(fd[primary], spec,
                                                published_all[published_all["experiment"] == spec.name], edges, units)
-        mask = results["experiment"] == spec.name
+        mask = (results["experiment"] == spec.name) & (results["metric"] == spec.all_metrics[0])
         for column in ("spillover_effect", "spillover_se", "spillover_ci_low", "spillover_ci_high", "spillover_ipw", "spillover_ipw_se"):
             results.loc[mask, column] = found[column]
         if found["ipw_message"].startswith("not estimated"):
@@ -151,9 +169,10 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     warehouse.write(results, "experiment_results")
     warehouse.write(exposure, "spillover_exposure")
     heterogeneity = {}
-    for (name, estimator), model in sorted(models.items()):
-        if estimator != "hpte":
+    for key, model in sorted(models.items()):
+        if len(key) != 2 or key[1] != "hpte":  # heterogeneity of the primary metric
             continue
+        name = key[0]
         top = model.heterogeneity_.head(12)
         heterogeneity[name] = (
             f"**{name}**: {model.n_trimmed_} trimmed, {model.n_leaves_skipped_} of {model.n_leaves_} leaves "
@@ -166,14 +185,16 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
             "not_estimated": dg.MetadataValue.json(problems),
             "results": dg.MetadataValue.md(
                 "\n".join(
-                    f"- **{r.experiment}** ({r.estimator}): {r.effect:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+                    f"- **{r.experiment}** {r.metric} ({r.estimator}): {r.effect:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
+                    f"relative {r.relative_effect:+.1%} [{r.ci_low_rel:+.1%}, {r.ci_high_rel:+.1%}], Holm p {r.p_holm:.3f}"
+                    + (f", guardrail {r.guardrail_status}" if r.guardrail_status else "")
                     for r in results.itertuples()
                 )
             ),
             "heterogeneity": dg.MetadataValue.md("\n\n".join(heterogeneity.values()) or "no HPTE fit"),
             "precision": dg.MetadataValue.md(
                 "\n".join(
-                    f"- **{r.experiment}** ({r.estimator}): counterfactual {r.counterfactual}; regression adjustment "
+                    f"- **{r.experiment}** {r.metric} ({r.estimator}): counterfactual {r.counterfactual}; regression adjustment "
                     f"removed {r.variance_reduction:.0%} of the variance"
                     + (f"; carryover {r.carryover_estimate:+.3f} (SE {r.carryover_se:.3f}){' FLAGGED' if r.carryover_flag else ''}"
                        if pd.notna(r.carryover_estimate) else "")

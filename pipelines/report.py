@@ -19,10 +19,11 @@ def results_table(
     substitute clusters measures the GLOBAL effect (everything treated vs nothing, cannibalisation
     between substitutes included). `experiments` (name, unit) says which; without it, direct.
     """
-    columns = [
-        "experiment", "design", "estimator", "effect", "se", "ci_low", "ci_high", "relative_effect",
-        "n_products", "n_trimmed", "spillover_effect", "spillover_se",
-    ]
+    columns = ["experiment", "design"] + [c for c in ("metric", "role") if c in results.columns] + [
+        "estimator", "effect", "se", "ci_low", "ci_high", "relative_effect"]
+    # decision metrics (issue 16): the relative interval, Holm's p-value, the guardrail's verdict
+    columns += [c for c in ("ci_low_rel", "ci_high_rel", "p_holm", "guardrail_status") if c in results.columns]
+    columns += ["n_products", "n_trimmed", "spillover_effect", "spillover_se"]
     # the spillover interval (Student t, from the controls' forecasts) and the graph-based IPW beside it
     columns += [c for c in ("spillover_ci_low", "spillover_ci_high", "spillover_ipw") if c in results.columns]
     # precision and carryover, when the results have them: the counterfactual the back-test chose,
@@ -35,15 +36,32 @@ def results_table(
         table["carryover_flag"] = np.where(flagged, "flagged", "")
     if truth is not None and not truth.empty:
         units = dict(zip(experiments["name"], experiments["unit"])) if experiments is not None else {}
-        table = table.merge(truth[["experiment", "true_direct_effect", "true_global_effect"]], on="experiment", how="left")
+        keys = ["experiment", "metric"] if "metric" in table.columns and "metric" in truth.columns else ["experiment"]
+        wanted = keys + [c for c in ("true_direct_effect", "true_global_effect", "true_relative_effect",
+                                     "true_global_relative_effect", "true_spillover_effect") if c in truth.columns]
+        table = table.merge(truth[wanted], on=keys, how="left")
         table["estimand"] = ["global" if units.get(name) == "cluster" else "direct" for name in table["experiment"]]
-        table["true_effect"] = table["true_global_effect"].where(table["estimand"] == "global", table["true_direct_effect"])
+        is_global = table["estimand"] == "global"
+        table["true_effect"] = table["true_global_effect"].where(is_global, table["true_direct_effect"])
         table["covered"] = (table["ci_low"] <= table["true_effect"]) & (table["true_effect"] <= table["ci_high"])
-        table = table.drop(columns=["true_direct_effect", "true_global_effect"])
-        if "true_spillover_effect" in truth.columns:  # shown where a spillover was estimated
-            spill = table["experiment"].map(dict(zip(truth["experiment"], truth["true_spillover_effect"])))
+        if "true_relative_effect" in table.columns:
+            relative = table["true_relative_effect"]
+            if "true_global_relative_effect" in table.columns:
+                relative = table["true_global_relative_effect"].where(is_global, relative)
+            table["true_relative"] = relative
+            if "ci_low_rel" in table.columns:
+                table["covered_rel"] = (table["ci_low_rel"] <= relative) & (relative <= table["ci_high_rel"])
+        spill = table.get("true_spillover_effect")
+        table = table.drop(columns=[c for c in ("true_direct_effect", "true_global_effect", "true_relative_effect",
+                                                "true_global_relative_effect", "true_spillover_effect") if c in table.columns])
+        if spill is not None:  # shown where a spillover was estimated
             table["true_spillover"] = spill.where(table["spillover_effect"].notna())
-    return table.sort_values(["experiment", "estimator"]).reset_index(drop=True)
+    if "metric" not in table.columns:
+        return table.sort_values(["experiment", "estimator"]).reset_index(drop=True)
+    # per experiment: the metrics in the file's order (as estimated), each metric's estimators together
+    table["_metric"] = table.groupby("experiment", sort=False)["metric"].transform(lambda m: pd.factorize(m)[0])
+    table = table.sort_values(["experiment", "_metric", "estimator"], kind="stable").drop(columns="_metric")
+    return table.reset_index(drop=True)
 
 
 def format_table(table: pd.DataFrame) -> str:

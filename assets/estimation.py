@@ -8,7 +8,7 @@ from pyspark.sql import functions as F
 
 from assets.inputs import load_checked_sales, sales_check_specs
 from assets.mode import demo_mode
-from pipelines import estimation, graph, spillover
+from pipelines import balance, estimation, graph, spillover
 from pipelines import metrics as metric_rules
 from pipelines import experiments as experiment_files
 
@@ -38,10 +38,64 @@ def experiment_sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     )
 
 
+SAMPLE_RATIO_CHECK = "sample_ratio_mismatch"
+RESULTS_HISTORY = "experiment_results_history"  # as_of=YYYY-MM-DD/: each refresh's experiment_results
+EFFECT_OVER_TIME = "effect_over_time"
+BALANCE_CHECK = "pre_period_balance"
+
+
+def _sales_days_per_unit(warehouse, spark):
+    """Per experiment, unit and arm: published non-blackout product-days and those with a sales row."""
+    published = warehouse.read(spark, "daily_assignments").where(~F.col("blackout"))
+    sold = warehouse.read(spark, "experiment_sales").select("product_id", "date").distinct().withColumn("sold", F.lit(1))
+    return (published.join(sold, ["product_id", "date"], "left")
+            .groupBy("experiment", "unit_id", "arm")
+            .agg(F.count("*").alias("published"), F.count("sold").alias("with_sales"))
+            .toPandas())
+
+
+def _checks(warehouse, spark, specs: pd.DataFrame) -> list[dg.AssetCheckResult]:
+    """SRM (blocking at p < 0.001, warning at p < 0.01) and pre-period balance (|SMD| >= 0.1 warns),
+    rules in `pipelines.balance`."""
+    srm = balance.srm_table(_sales_days_per_unit(warehouse, spark), specs)
+    verdicts = set(srm["verdict"]) if not srm.empty else set()
+    srm_failed = srm[srm["verdict"] != "ok"] if not srm.empty else srm
+    smd = balance.balance_table(warehouse.read(spark, "first_differences").toPandas(), specs)
+    unbalanced = smd[smd["warn"]]
+    describe = lambda rows: rows.to_markdown(index=False, floatfmt=".4g") if len(rows) else "none"  # noqa: E731
+    return [
+        dg.AssetCheckResult(
+            check_name=SAMPLE_RATIO_CHECK, passed=not len(srm_failed),
+            severity=dg.AssetCheckSeverity.ERROR if "block" in verdicts else dg.AssetCheckSeverity.WARN,
+            metadata={
+                "failed": dg.MetadataValue.md(
+                    "\n".join(f"- **{r.experiment}**: {r.verdict} (p = {r.p:.2g}; units {r.units_treated}/{r.units_control} "
+                              f"treated/control, expected share {r.expected_treated_share:.0%}; sales on "
+                              f"{r.sales_day_share_treated:.1%} / {r.sales_day_share_control:.1%} of published days)"
+                              for r in srm_failed.itertuples()) or "none"),
+                "tests": dg.MetadataValue.md(describe(srm)),
+                "rule": f"chi-square on units with sales per arm and unit-level test of days with sales, Bonferroni; "
+                        f"block p < {balance.SRM_BLOCK_P}, warn p < {balance.SRM_WARN_P}",
+            },
+        ),
+        dg.AssetCheckResult(
+            check_name=BALANCE_CHECK, passed=not len(unbalanced), severity=dg.AssetCheckSeverity.WARN,
+            metadata={"unbalanced": dg.MetadataValue.md(describe(unbalanced)), "smd": dg.MetadataValue.md(describe(smd)),
+                      "rule": f"|standardised mean difference| of pre-period mean units and price >= {balance.SMD_WARN} warns"},
+        ),
+    ]
+
+
 @dg.asset(
     group_name="results",
     deps=["experiment_sales", "daily_assignments", "experiments", "catalog", "trigger_events"],
     required_resource_keys={"spark", "warehouse"},
+    check_specs=[
+        dg.AssetCheckSpec(SAMPLE_RATIO_CHECK, asset="first_differences", blocking=True,
+                          description="units and days with sales per arm match the design (blocking at p < 0.001)"),
+        dg.AssetCheckSpec(BALANCE_CHECK, asset="first_differences",
+                          description="pre-period mean units and price balanced between arms (|SMD| < 0.1)"),
+    ],
 )
 def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Per experiment and product: the first difference against the counterfactual its pool's
@@ -77,7 +131,8 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
             "products_per_experiment": dg.MetadataValue.json(per_experiment.set_index("experiment").to_dict(orient="index")),
             "counterfactual_chosen": dg.MetadataValue.json(counterfactuals),  # products per back-test winner
             "note": "products enrolled but without a first difference lack pre-period history or window days",
-        }
+        },
+        check_results=_checks(warehouse, spark, specs),
     )
 
 
@@ -161,12 +216,18 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     catalog = warehouse.read(spark, "catalog").toPandas()
     as_of = warehouse.read(spark, "experiment_sales").agg(F.max("date")).first()[0]
     models: dict = {}
+    clusters = _clusters_in_force(context, specs)
     results, problems = estimation.estimate_experiments(fd, specs, as_of, features=catalog, models=models,
-                                                        clusters=_clusters_in_force(context, specs))
+                                                        clusters=clusters)
     for name, why in problems.items():
         context.log.warning(f"experiment '{name}' not estimated: {why}")
     exposure, spillover_notes = _add_spillover(context, results, fd, specs)
     warehouse.write(results, "experiment_results")
+    # history (issue 16): every refresh's results under its as_of day, never touched by a later
+    # refresh (a rerun of the same day rewrites that day only); the cumulative effect by day since start
+    warehouse.write(results, RESULTS_HISTORY, ("as_of", str(as_of)))
+    over_time = estimation.effect_over_time(fd, specs, as_of, clusters=clusters)
+    warehouse.write(over_time, EFFECT_OVER_TIME)
     warehouse.write(exposure, "spillover_exposure")
     heterogeneity = {}
     for key, model in sorted(models.items()):
@@ -182,6 +243,7 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
         metadata={
             "as_of": str(as_of),
             "estimated": len(results),
+            "history": dg.MetadataValue.json(warehouse.partitions(RESULTS_HISTORY, "as_of")),
             "not_estimated": dg.MetadataValue.json(problems),
             "results": dg.MetadataValue.md(
                 "\n".join(

@@ -7,7 +7,9 @@ differences for units, revenue and profit with the pandas twin of the Spark path
 (`estimation.first_differences_pandas`, the same per-pool and per-product functions; checked
 equal to the Spark path on one world first, `--skip-spark-check` to skip) and fits the
 regression-adjusted DiD (`estimation.estimate_experiments` with the estimator set to DiD only:
-the relative interval is the same rule for HPTE, whose forest would cost ~20x the CPU here).
+the relative interval is the same rule for HPTE, whose forest would cost ~20x the CPU here), its
+bootstrap resampling the world's true substitute groups whole in switchback designs (standing in
+for the product_clusters snapshot, as in benchmarks/estimators.py).
 Truth: `simulation.true_effects(..., metrics=(units, revenue, profit))`, the direct effect for
 product units (the global one for cluster units) over its counterfactual level.
 
@@ -37,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.estimators import pandas_assignments, true_clusters  # noqa: E402
 from benchmarks.replications import run_replications  # noqa: E402
 from pipelines import estimation, simulation  # noqa: E402
-from pipelines import experiments as experiment_files  # noqa: E402
 from pipelines import metrics as metric_rules  # noqa: E402
 from pipelines.experiments import ExperimentSpec  # noqa: E402
 
@@ -86,24 +87,25 @@ def simulated(job):
     catalog = world.catalog.merge(simulation.unit_costs(world), on="product_id")
     costs = pd.concat([metric_rules.unit_costs(s.costs, catalog[catalog["category"].isin(s.population["categories"])])
                        .assign(experiment=s.name) for _, s in labelled], ignore_index=True)
-    return world, labelled, assignments, sales, triggers, costs
+    return world, labelled, assignments, sales, triggers, costs, clusters
 
 
 def replicate(job) -> list[dict]:
     warnings.simplefilter("ignore")
     seed, opts = job
-    world, labelled, assignments, sales, triggers, costs = simulated(job)
+    world, labelled, assignments, sales, triggers, costs, clusters = simulated(job)
     specs = [s for _, s in labelled]
     truth = simulation.true_effects(world, assignments, metrics=METRICS).set_index(["experiment", "metric"])
     fds = estimation.first_differences_pandas(
         sales, assignments, {s.name: s.design for s in specs}, {s.name: list(s.all_metrics) for s in specs},
         catalog=world.catalog, events=triggers, unit_costs=costs)
     rows = []
-    frame = experiment_files.specs_to_frame(specs)
-    for (label, spec), row in zip(labelled, frame.itertuples()):
+    for label, spec in labelled:
         for metric in METRICS:
             fd = fds[(fds["experiment"] == spec.name) & (fds["metric"] == metric)]
-            model = estimation.DiDEstimator(n_bootstrap=opts["bootstrap"], random_state=seed).fit(fd)
+            # the true substitute groups stand in for the product_clusters snapshot: switchback designs
+            # resample them whole, as the experiment_results asset does (estimation.BootstrapBlocks)
+            model = estimation.DiDEstimator(n_bootstrap=opts["bootstrap"], random_state=seed).fit(fd, clusters)
             found = metric_rules.relative_effect(model.effect_, model.se_, model.analysed_)
             t = truth.loc[(spec.name, metric)]
             rows.append({"regime": opts["regime"], "seed": seed, "design": label, "metric": metric,
@@ -132,7 +134,7 @@ def check_against_spark(opts: dict) -> None:
     """First differences of one world: the pandas twin equals the Spark path for every metric."""
     from pipelines.spark import get_spark
 
-    world, labelled, assignments, sales, triggers, costs = simulated((0, opts))
+    world, labelled, assignments, sales, triggers, costs, _ = simulated((0, opts))
     specs = [s for _, s in labelled]
     designs = {s.name: s.design for s in specs}
     metrics = {s.name: list(s.all_metrics) for s in specs}

@@ -71,6 +71,14 @@ FIRST_DIFFERENCE_SCHEMA = T.StructType(
         # treated analysed days (NaN for a between design's controls): the relative effect's level
         T.StructField("metric", T.StringType()),
         T.StructField("treated_mean", T.DoubleType()),
+        T.StructField("pre_price", T.DoubleType()),  # mean pre-period price (balance check)
+        # effect over time (issue 16): the first difference and the treated days' mean from the
+        # product's first CUMULATIVE_STEP_DAYS, 2x, ... window days on (the last: the whole window);
+        # per candidate, candidate-major, until `choose_counterfactual` keeps the chosen one's
+        T.StructField("cumulative_days", T.ArrayType(T.IntegerType())),
+        T.StructField("candidate_cumulative", T.ArrayType(T.DoubleType())),
+        T.StructField("cumulative_fd", T.ArrayType(T.DoubleType())),
+        T.StructField("cumulative_treated_mean", T.ArrayType(T.DoubleType())),
     ]
 )
 
@@ -84,6 +92,7 @@ FIRST_DIFFERENCE_SCHEMA = T.StructType(
 COUNTERFACTUALS = ("trend+seasonality", "pooled", "level_2w", "level_4w", "level_8w", "level_4w+weekday", "blend")
 BLENDED = ("trend+seasonality", "level_4w+weekday")  # "blend" is the mean of these two predictions
 # covariates of the regression adjustment (CUPED-style), when present in the first differences
+CUMULATIVE_STEP_DAYS = 7  # effect over time: first differences from every week of window days on
 MIN_FACTOR_DAYS = 7  # pre-period days a known factor must move on to be fitted
 MAX_FACTOR_EFFECT = 5.0  # largest plausible known-factor effect, in units per unit of factor, x the product's mean
 ADJUSTMENT_COVARIATES = ("pre_mean", "recent_mean", "placebo", "recent_gap")
@@ -397,6 +406,12 @@ def product_first_difference(
     candidates.seasonal_shape(pre_days, adj_pre, origin)
     window_shape = candidates.shape
     n_candidates = len(COUNTERFACTUALS)
+    # days since the product's first window day (blackout days included: a crossover's first analysed day is day 7)
+    window_start = days[in_window].min()
+    offsets = (window_days - window_start).astype(np.int64)
+    window_span = int((days[in_window].max() - window_start).astype(np.int64)) + 1
+    cutoffs = list(range(CUMULATIVE_STEP_DAYS, window_span, CUMULATIVE_STEP_DAYS)) + [window_span]
+    cumulative = np.full((n_candidates, len(cutoffs)), np.nan)
     fd, carry = np.full(n_candidates, np.nan), np.full(n_candidates, np.nan)
     backtest = np.full((n_candidates, settings.backtest_windows), np.nan)  # placebo first difference per window
     rule_prediction, rule_trend = None, 0.0
@@ -408,6 +423,9 @@ def product_first_difference(
             continue
         residual = adjusted[used] - predicted
         fd[k] = _window_statistic(residual, window_role, switchback)
+        for c, cutoff in enumerate(cutoffs):
+            early = offsets < cutoff
+            cumulative[k, c] = _window_statistic(residual[early], window_role[early], switchback)
         if name == "trend+seasonality":
             rule_prediction, rule_trend = predicted, trend
         if switchback:
@@ -428,6 +446,7 @@ def product_first_difference(
     # are far from perfectly correlated); every statistic is linear in the prediction
     blend, parts = COUNTERFACTUALS.index("blend"), [COUNTERFACTUALS.index(n) for n in BLENDED]
     fd[blend], carry[blend] = fd[parts].mean(), carry[parts].mean()
+    cumulative[blend] = cumulative[parts].mean(axis=0)
     backtest[blend] = backtest[parts].mean(axis=0)
     placebo = backtest[:, 0].copy()
     finite = np.isfinite(backtest)
@@ -476,9 +495,26 @@ def product_first_difference(
                 "known_factors": ",".join(names),
                 "metric": str(panel["metric"].iloc[0]) if "metric" in panel.columns else "",
                 "treated_mean": float(y[used][window_role == 1].mean()) if (window_role == 1).any() else np.nan,
+                "pre_price": _pre_price(panel, in_window),
+                "cumulative_days": [int(c) for c in cutoffs],
+                "candidate_cumulative": cumulative.ravel().tolist(),
+                "cumulative_fd": cumulative[0].tolist(),
+                "cumulative_treated_mean": [
+                    float(y[used][(window_role == 1) & (offsets < c)].mean()) if ((window_role == 1) & (offsets < c)).any() else np.nan
+                    for c in cutoffs
+                ],
             }
         ]
     )
+
+
+def _pre_price(panel: pd.DataFrame, in_window: np.ndarray) -> float:
+    """Mean pre-period price of a product (from its untreated log price), NaN without prices."""
+    if "log_price" not in panel.columns:
+        return np.nan
+    values = panel["log_price"].to_numpy(dtype=float)[~in_window]
+    values = values[np.isfinite(values)]
+    return float(np.exp(values).mean()) if len(values) else np.nan
 
 
 def choose_counterfactual(first_differences: pd.DataFrame) -> pd.DataFrame:
@@ -507,10 +543,12 @@ def choose_counterfactual(first_differences: pd.DataFrame) -> pd.DataFrame:
         pick = lambda column: np.array(rows[column].tolist(), dtype=float)[np.arange(len(rows)), take]  # noqa: E731
         chosen_fd = pick("candidate_fd")
         windows = np.array(rows["candidate_placebo_windows"].tolist(), dtype=float).reshape(len(rows), fd.shape[1], -1)
+        cumulative = [np.asarray(v, dtype=float).reshape(fd.shape[1], -1)[t] for v, t in zip(rows["candidate_cumulative"], take)]
         recent = fd[:, COUNTERFACTUALS.index("level_4w")]
         out.append(rows.assign(
             first_difference=chosen_fd, placebo=pick("candidate_placebo"),
             placebo_windows=list(windows[np.arange(len(rows)), take]),
+            cumulative_fd=cumulative,
             recent_gap=np.where(np.isfinite(recent), chosen_fd - recent, 0.0),
             carryover_difference=pick("candidate_carryover"), backtest_error=error[np.arange(len(rows)), take],
             counterfactual=np.where(take == best, COUNTERFACTUALS[best], COUNTERFACTUALS[0]),
@@ -1606,3 +1644,43 @@ def decide(results: pd.DataFrame, experiments: pd.DataFrame) -> pd.DataFrame:
             guard.append("")
             status.append("")
     return results.assign(role=roles, guardrail=guard, guardrail_status=status)
+
+
+OVER_TIME_COLUMNS = ["experiment", "metric", "estimator", "day", "n_products", "effect", "ci_low", "ci_high",
+                     "relative_effect", "ci_low_rel", "ci_high_rel", "as_of"]
+
+
+def effect_over_time(first_differences: pd.DataFrame, experiments: pd.DataFrame, as_of=None, n_bootstrap: int = 1000,
+                     random_state: int = 0, clusters: pd.DataFrame | dict | None = None) -> pd.DataFrame:
+    """The cumulative effect by day since start, per experiment and metric (issue 16): the DiD
+    estimate, its 95% interval, the relative effect and its interval from each product's first
+    7, 14, ... window days (`cumulative_fd`, `cumulative_treated_mean`; a product whose window is
+    shorter counts with its whole window). One row per (experiment, metric, day)."""
+    rows = []
+    if first_differences.empty or "cumulative_fd" not in first_differences.columns:
+        return pd.DataFrame(columns=OVER_TIME_COLUMNS)
+    for spec in experiments.itertuples():
+        blocks = clusters.get(spec.name) if isinstance(clusters, dict) else clusters
+        for metric in _spec_metrics(spec)[0]:
+            fd = first_differences[first_differences["experiment"] == spec.name]
+            if "metric" in fd.columns and fd["metric"].notna().any():
+                fd = fd[fd["metric"] == metric]
+            fd = fd[fd["cumulative_fd"].map(lambda v: v is not None and len(v) > 0)]
+            if fd.empty:
+                continue
+            lengths = fd["cumulative_fd"].map(len).to_numpy()
+            for c in range(int(lengths.max())):
+                at = np.minimum(c, lengths - 1)
+                pick = lambda column: np.array([np.asarray(v, float)[i] for v, i in zip(fd[column], at)])  # noqa: E731
+                days = np.array([np.asarray(v)[i] for v, i in zip(fd["cumulative_days"], at)])
+                part = fd.assign(first_difference=pick("cumulative_fd"), treated_mean=pick("cumulative_treated_mean"))
+                try:
+                    model = DiDEstimator(n_bootstrap=n_bootstrap, random_state=random_state).fit(part, blocks)
+                except ValueError:
+                    continue
+                relative = metric_rules.relative_effect(model.effect_, model.se_, model.analysed_)
+                rows.append({"experiment": spec.name, "metric": metric, "estimator": "did", "day": int(days.max()),
+                             "n_products": model.n_products_, "effect": model.effect_, "ci_low": model.ci_[0],
+                             "ci_high": model.ci_[1], "relative_effect": relative["relative_effect"],
+                             "ci_low_rel": relative["ci_low_rel"], "ci_high_rel": relative["ci_high_rel"], "as_of": as_of})
+    return pd.DataFrame(rows, columns=OVER_TIME_COLUMNS)

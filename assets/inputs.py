@@ -197,10 +197,9 @@ def read_registry(warehouse):
     """The enrolled experiments (one row each: spec, owning file, fingerprint), or None."""
     import pandas as pd
 
-    names = warehouse.partitions(experiment_files.REGISTRY_TABLE, "experiment")
-    if not names:
+    from pyspark.sql import SparkSession
+
+    if not warehouse.partitions(experiment_files.REGISTRY_TABLE, "experiment"):
         return None
-    return pd.concat(
-        [pd.read_parquet(warehouse.path(experiment_files.REGISTRY_TABLE, ("experiment", n))) for n in names],
-        ignore_index=True,
-    )
+    frame = warehouse.read(SparkSession.getActiveSession(), experiment_files.REGISTRY_TABLE).toPandas()
+    return frame.drop(columns="experiment").sort_values("name").reset_index(drop=True)

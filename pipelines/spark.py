@@ -33,8 +33,6 @@ LOCAL_DEFAULTS = {
     # An embedded session listens on loopback only.
     "spark.driver.host": "127.0.0.1",
     "spark.driver.bindAddress": "127.0.0.1",
-    # Delta rebuilds a table's state from its log with this many tasks (default 50: slow on 2 cores)
-    "spark.databricks.delta.snapshotPartitions": "2",
 }
 
 # Delta Lake in a session: its SQL extension (CONVERT TO DELTA, DESCRIBE HISTORY, time travel)
@@ -43,6 +41,9 @@ DELTA_SETTINGS = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
     "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
 }
+# ... and on `local[*]`: Delta rebuilds a table's state from its log with this many tasks
+# (default 50: slow on 2 cores with small tables)
+DELTA_LOCAL_SETTINGS = {"spark.databricks.delta.snapshotPartitions": "2"}
 DELTA_PACKAGE = "io.delta:delta-spark_4.1_2.13:4.3.0"  # jvm/delta/pom.xml pins the same version
 
 # Where `make setup` copies the jars pinned in jvm/pom.xml and jvm/delta/pom.xml.
@@ -104,6 +105,8 @@ def get_spark(
             settings["spark.jars"] = ",".join(jars)
         if delta_requested(jars, conf):
             settings.update(DELTA_SETTINGS)
+            if master.startswith("local"):
+                settings.update(DELTA_LOCAL_SETTINGS)
         settings.update(conf or {})
         for key, value in settings.items():
             builder = builder.config(key, value)

@@ -444,11 +444,13 @@ class Warehouse:
     def write_partitions(self, df: DataFrame, table: str, key: str, values: list[str]) -> list[str]:
         """Write several partitions of a Spark DataFrame, one Delta commit each (a value with no
         rows is written empty: published as "nothing"). Cache `df` when it is costly to compute."""
+        known = self.partitions(table, key)  # read once; a racing writer is caught by Delta itself
         for value in values:
-            self._write_partition(df.where(F.col(key) == F.lit(value).cast(df.schema[key].dataType)), table, key, value)
+            self._write_partition(df.where(F.col(key) == F.lit(value).cast(df.schema[key].dataType)), table, key, value, known)
+            known.append(str(value))
         return [f"{self.uri(table)}/{key}={v}" for v in values]
 
-    def _write_partition(self, frame: DataFrame, table: str, key: str, value: str) -> None:
+    def _write_partition(self, frame: DataFrame, table: str, key: str, value: str, known: list[str] | None = None) -> None:
         exists = self._ensure_delta(table)
         spark = frame.sparkSession
         kind = None
@@ -459,7 +461,7 @@ class Warehouse:
             kind = "date" if ISO_DATE.match(str(value)) else "string"
         frame = frame.withColumn(key, F.lit(str(value)).cast(kind))
         once = PUBLISHED.get(table) == key
-        if once and exists and value in self.partitions(table, key):
+        if once and exists and str(value) in (self.partitions(table, key) if known is None else known):
             raise WriteConflictError(
                 f"warehouse table '{table}' {key}={value} is already published and published partitions never "
                 "change: nothing written"
@@ -497,9 +499,9 @@ class Warehouse:
     # ------------------------------------------------------------------ the write-once proof
     def audit_published(self, spark: SparkSession, table: str, values: list[str] | None = None) -> list[str]:
         """Problems found in `table`'s version history, [] when every published partition is as it
-        was first committed: each is published by exactly one commit; no other commit removed
-        files from the table after a first publish; and (for `values`, default all) the rows at
-        the publishing version equal the rows now (Delta time travel)."""
+        was first committed: each is published by exactly one commit; no commit but pricelab's
+        publishes came after the first one; and (for `values`, default all) the rows at the
+        publishing version equal the rows now (Delta time travel, one read per version)."""
         key = PUBLISHED[table]
         history = self.history(table)
         problems, first = [], {}
@@ -511,8 +513,9 @@ class Warehouse:
                     problems.append(f"{key}={value} written again at version {row.version} (first published at version {first[value]})")
                 else:
                     first.setdefault(value, row.version)
-            if not written and first and row.removed_files:
-                problems.append(f"version {row.version} ({row.operation}, not a pricelab publish) removed {row.removed_files} file(s)")
+            if not meta and first:  # any other writer after the first publication: flagged, whatever it did
+                problems.append(f"version {row.version} ({row.operation}) is not a pricelab publish"
+                                + (f"; it removed {row.removed_files} file(s)" if row.removed_files else ""))
         check = sorted(first) if values is None else [str(v) for v in values if str(v) in first]
         now = spark.read.format("delta").load(self.uri(table))
         kind = now.schema[key].dataType

@@ -68,7 +68,7 @@ def test_a_published_day_is_written_once_and_history_proves_it(spark, tmp_path):
     # the audit can fail: a writer that bypasses pricelab (here a SQL DELETE) is caught by the history
     spark.sql(f"DELETE FROM delta.`{warehouse.uri('daily_assignments')}` WHERE date = DATE'2026-01-02'")
     problems = warehouse.audit_published(spark, "daily_assignments")
-    assert any("not a pricelab publish" in p for p in problems)
+    assert any("(DELETE) is not a pricelab publish" in p for p in problems)
     assert "date=2026-01-02 differs from its first publication (version 1)" in problems
 
 

@@ -306,8 +306,7 @@ class Warehouse:
         return self._convert_v1(table, base)
 
     def _convert_v1(self, table: str, base: Path) -> bool:
-        visible = [p for p in base.iterdir() if not p.name.startswith((".", "_"))]
-        for hidden in base.iterdir():  # v1 leftovers of killed writes: partition copies aside, temporaries
+        for hidden in list(base.iterdir()):  # v1 leftovers of killed writes: partition copies aside, temporaries
             if hidden.name.startswith(".") and ".old-" in hidden.name:
                 recover(base / hidden.name[1:].split(".old-")[0])
             elif hidden.name.startswith(".") and ".tmp-" in hidden.name:

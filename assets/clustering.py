@@ -8,6 +8,7 @@ import base64
 import dagster as dg
 from pyspark.sql import functions as F
 
+from assets.kinds import DELTA_TABLE
 from pipelines import clustering, graph
 
 MAX_CLUSTER_SIZE = 40
@@ -16,6 +17,7 @@ EVERY_PRODUCT_ONE_CLUSTER = "every_product_in_one_cluster"
 
 @dg.asset(
     group_name="graph",
+    kinds=DELTA_TABLE,
     deps=["substitution_graph", "catalog"],
     required_resource_keys={"spark", "warehouse"},
     check_specs=[

@@ -10,6 +10,7 @@ import datetime as dt
 import dagster as dg
 from pyspark.sql import functions as F
 
+from assets.kinds import DELTA_TABLE
 from pipelines import graph, inputs
 
 
@@ -33,7 +34,7 @@ def resolve_snapshot_date(config: SnapshotConfig, sales) -> dt.date:
     return last + dt.timedelta(days=1)
 
 
-@dg.asset(group_name="graph", deps=["sales", "catalog"], required_resource_keys={"spark", "warehouse"})
+@dg.asset(kinds=DELTA_TABLE, group_name="graph", deps=["sales", "catalog"], required_resource_keys={"spark", "warehouse"})
 def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig) -> dg.MaterializeResult:
     """Edges (src, dst, weight, corr, n_days, evidence) between substitutes, and the evidence and
     power of each block (`substitution_blocks`), one dated snapshot per build."""

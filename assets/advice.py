@@ -72,7 +72,10 @@ def design_advice(context: dg.AssetExecutionContext, config: AdviceConfig) -> dg
             tables.append(table)
             context.log.info(f"proposal {proposal.name}: {table.loc[table['recommended'], 'reason'].iloc[0]}")
     result = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=list(advisor.ADVICE_COLUMNS))
-    warehouse.write(result.astype({"recommended": bool}) if len(result) else result, "design_advice")
+    if len(result):
+        warehouse.write(result.astype({"recommended": bool}), "design_advice")
+    else:  # no proposal: an empty table (typed), so no stale advice survives
+        warehouse.write(spark.createDataFrame([], advisor.ADVICE_SCHEMA), "design_advice")
     warehouse.write_file(ADVICE_SECTION, "## Design advice\n\n" + ("\n".join(sections) if sections else "No proposal in input/proposals/.\n"))
     metadata = {
         "proposals": len(proposals), "refused": len(errors), "rows": len(result),

@@ -93,6 +93,12 @@ ADVICE_COLUMNS = (
     "calibration_replays", "carryover_bias_rel", "reason",
 )
 
+_TEXT = ("proposal", "design", "unit", "reason")
+_INTEGER = ("n_units", "n_products", "replays", "carryover_days", "calibration_replays")
+ADVICE_SCHEMA = ", ".join(
+    f"{c} {'string' if c in _TEXT else 'bigint' if c in _INTEGER else 'boolean' if c == 'recommended' else 'double'}"
+    for c in ADVICE_COLUMNS)
+
 
 # ----------------------------------------------------------------------------------------------
 # Proposals
@@ -767,7 +773,15 @@ def advise(spark, proposal: Proposal, inputs: AdviceInputs, n_replays: int = DEF
     recommend(table, proposal)
     evidence = {"carryover": carry, "spillover": spill, "expected_rel": expected, "seconds": timings,
                 "expected_from": "proposal" if proposal.expected_effect is not None else "history's elasticities"}
-    return table[list(ADVICE_COLUMNS)], evidence
+    table = table[list(ADVICE_COLUMNS)].copy()
+    for column in ADVICE_COLUMNS:  # the schema of ADVICE_SCHEMA, whatever the candidates held
+        if column in _INTEGER:
+            table[column] = table[column].astype("int64")
+        elif column == "recommended":
+            table[column] = table[column].astype(bool)
+        elif column not in _TEXT:
+            table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
+    return table, evidence
 
 
 def recommend(table: pd.DataFrame, proposal: Proposal) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime as dt
 
 import dagster as dg
-import pandas as pd
 import pytest
 
 from assets import advice, clustering, graph, inputs
@@ -33,7 +32,7 @@ def test_design_advice_answers_proposals_and_refuses_a_bad_one_alone(spark, tmp_
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {advice.PROPOSAL_FILES_VALID: False}  # the broken file is refused, the good one answered
-    table = pd.read_parquet(Warehouse(tmp_path).path("design_advice"))
+    table = Warehouse(tmp_path).read(spark, "design_advice").toPandas()
     assert list(table.columns) == list(advisor.ADVICE_COLUMNS)
     assert set(table["proposal"]) == {"cut-5-office"} and table["recommended"].sum() == 1
     assert len(table) == 4 and (table["replays"] == 20).all()

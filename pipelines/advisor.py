@@ -80,6 +80,7 @@ DEFAULT_POWER = 0.8
 DEFAULT_REPLAYS = 200
 DEFAULT_CALIBRATION_REPLAYS = 4
 DEFAULT_CALIBRATION_PRODUCTS = 300
+CALIBRATION_MIN_PRE_DAYS = 120  # calibrating replays start this far into the history (when it is long enough)
 PRE_LEVEL_DAYS = 28  # the fast first difference's counterfactual: the level of the 4 weeks before
 CARRYOVER_MAX_LAG = 14
 CARRYOVER_Z = 4.0  # first-day excess needed to call carryover present (many events: a strict bar)
@@ -669,7 +670,9 @@ def calibrate(history: History, replays: Replays, fast: dict, sales: pd.DataFram
     sizes = np.bincount(replays.unit)
     chosen = order[np.cumsum(sizes[order]) <= max_products] if sizes.sum() > max_products else units
     keep = np.isin(replays.unit, chosen)
-    which = np.linspace(0, len(replays.starts) - 1, n_calibration).round().astype(int)
+    # calibrating replays: spread over the windows with a long pre-period (the real counterfactuals need one)
+    late = np.flatnonzero(replays.starts >= min(CALIBRATION_MIN_PRE_DAYS, replays.starts.max()))
+    which = late[np.linspace(0, len(late) - 1, n_calibration).round().astype(int)]
     sub = dataclasses.replace(replays, rows=replays.rows[keep], role=replays.role[:, keep], unit=replays.unit[keep],
                               block=np.unique(replays.block[keep], return_inverse=True)[1])
     fast_sub = fast_did(history, sub, 0.05)
@@ -680,12 +683,12 @@ def calibrate(history: History, replays: Replays, fast: dict, sales: pd.DataFram
     for k in which:
         a = _calibration_assignments(history, replays, int(k), keep)
         last = a["date"].max()
-        fd = estimation.first_differences_pandas(
-            sales_sub[pd.to_datetime(sales_sub["date"]) <= last], a, {f"aa{k}": replays.spec.design},
-            {f"aa{k}": metric}, catalog=catalog, events=events_sub)
-        if fd.empty:
-            continue
         try:
+            fd = estimation.first_differences_pandas(
+                sales_sub[pd.to_datetime(sales_sub["date"]) <= last], a, {f"aa{k}": replays.spec.design},
+                {f"aa{k}": metric}, catalog=catalog, events=events_sub)
+            if fd.empty:
+                continue
             model = estimation.DiDEstimator(n_bootstrap=200, random_state=int(k)).fit(fd, clusters)
         except ValueError:
             continue

@@ -152,9 +152,11 @@ def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     registry = read_registry(warehouse)
     previous = warehouse.read(spark, "experiments").toPandas() if warehouse.exists("experiments") else None
     directory = warehouse.input_dir / "experiments"
-    loaded = experiment_files.load_experiment_directory(
-        directory, known, experiment_files.running_specs(registry, previous)
-    )
+    running = experiment_files.running_specs(registry, previous)
+    for name in experiment_files.retired_names(warehouse.tables_dir) & set(running):
+        context.log.info(f"experiment '{name}' is retired (`pricelab retire`): no longer kept on its last spec")
+        running.pop(name)
+    loaded = experiment_files.load_experiment_directory(directory, known, running)
     specs, errors = loaded.specs, loaded.refused
     for message in loaded.ignored:
         context.log.warning(message)
@@ -177,6 +179,8 @@ def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             ),
             "refused": len(errors),
             "kept_on_last_valid_spec": dg.MetadataValue.json(loaded.kept),
+            # what the experiment-files sensor compares with at its first tick (jobs/sensors.py)
+            "file_digests": dg.MetadataValue.json(experiment_files.experiment_file_digests(directory)),
         },
         check_results=[
             dg.AssetCheckResult(

@@ -8,7 +8,9 @@ import base64
 import dagster as dg
 from pyspark.sql import functions as F
 
+from assets.checks import run_metadata
 from pipelines import clustering, graph
+from pipelines.progress import spark_progress
 
 MAX_CLUSTER_SIZE = 40
 EVERY_PRODUCT_ONE_CLUSTER = "every_product_in_one_cluster"
@@ -44,11 +46,12 @@ def product_clusters(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         reused = reused and snapshot != snapshots[-1]
         context.log.info(f"clustering snapshot {snapshot}")
         blocks = warehouse.read(spark, graph.BLOCKS_TABLE, partition).toPandas() if warehouse.exists(graph.BLOCKS_TABLE, partition) else None
-        clusters = clustering.cluster_products(
-            warehouse.read(spark, "substitution_graph", partition), catalog, max_cluster_size=MAX_CLUSTER_SIZE,
-            blocks=blocks, checkpoint_dir=str(warehouse.root / "checkpoints"),
-        )
-        warehouse.write(clusters, "product_clusters", partition)
+        with spark_progress(spark, f"clusters {snapshot}", context.log.info):
+            clusters = clustering.cluster_products(
+                warehouse.read(spark, "substitution_graph", partition), catalog, max_cluster_size=MAX_CLUSTER_SIZE,
+                blocks=blocks, checkpoint_dir=str(warehouse.root / "checkpoints"),
+            )
+            warehouse.write(clusters, "product_clusters", partition)
     partition = ("snapshot_date", snapshots[-1])
     edges = warehouse.read(spark, "substitution_graph", partition)
     clusters = warehouse.read(spark, "product_clusters", partition)
@@ -68,6 +71,7 @@ def product_clusters(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         metadata={
             "snapshot_date": snapshots[-1],
             "reused_snapshot": reused,
+            **run_metadata(spark, clusters.count()),
             **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
             "metrics": dg.MetadataValue.json(metrics),
             "largest_clusters": dg.MetadataValue.md(

@@ -10,7 +10,9 @@ import datetime as dt
 import dagster as dg
 from pyspark.sql import functions as F
 
+from assets.checks import run_metadata
 from pipelines import graph, inputs
+from pipelines.progress import Progress, spark_progress
 
 
 class SnapshotConfig(dg.Config):
@@ -43,7 +45,8 @@ def _build_snapshot(context, spark, warehouse, snapshot: dt.date) -> bool:
     catalog = warehouse.read(spark, "catalog")
     related = inputs.load_related_pairs(spark, warehouse.root)
     context.log.info(f"building the substitution graph for snapshot {snapshot} (365 days of history)")
-    learned = graph.learn_substitution(sales, catalog, snapshot, related_pairs=related)
+    with spark_progress(spark, f"substitution graph {snapshot}", context.log.info):
+        learned = graph.learn_substitution(sales, catalog, snapshot, related_pairs=related)
     warehouse.write(spark.createDataFrame(learned.blocks), graph.BLOCKS_TABLE, partition)
     warehouse.write(learned.edges, "substitution_graph", partition)
     return False
@@ -71,8 +74,11 @@ def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig
     for extra in [d for d in wanted if d != snapshot]:
         context.log.info(f"experiment start {extra} has no snapshot in force: building one dated {extra}")
     reused = True
-    for day in sorted(set(wanted) | {snapshot}):
+    days = sorted(set(wanted) | {snapshot})
+    progress = Progress("substitution graph", len(days), "snapshot(s)", context.log.info)
+    for day in days:
         built_reused = _build_snapshot(context, spark, warehouse, day)
+        progress.step(f"{day}{' reused' if built_reused else ' built'}")
         if day == snapshot:
             reused = built_reused
     partition = ("snapshot_date", snapshot.isoformat())
@@ -81,12 +87,14 @@ def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig
     power = graph.power_summary(blocks)
     for line in power["warnings"]:
         context.log.warning(line)
+    summary = graph.graph_summary(edges)
     return dg.MaterializeResult(
         metadata={
+            **run_metadata(spark, summary.get("edges")),
             "snapshot_date": snapshot.isoformat(),
             "reused_snapshot": reused,
             "snapshots_added_for_experiment_starts": dg.MetadataValue.json([d.isoformat() for d in wanted if d != snapshot]),
-            **graph.graph_summary(edges),
+            **summary,
             **{k: v for k, v in power.items() if k not in ("warnings", "table")},
             "power_by_block": dg.MetadataValue.md(power["table"]),
             "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in power["warnings"]) or "none"),

@@ -9,7 +9,7 @@ so nothing downstream is computed from it.
 import dagster as dg
 from pyspark.sql import functions as F
 
-from assets.checks import gx_check_result, refused_rows_result
+from assets.checks import gx_check_result, refused_rows_result, run_metadata
 from pipelines import experiments as experiment_files
 from pipelines import inputs, quality
 
@@ -56,6 +56,7 @@ def catalog(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "subclasses": table.select("subclass").distinct().count(),
             "products_per_category": dg.MetadataValue.json(per_category),
             "attributes": dg.MetadataValue.json([c for c in table.columns if c not in inputs.CATALOG_COLUMNS]),
+            **run_metadata(spark, sum(per_category.values())),
         },
         check_results=[
             gx_check_result(CATALOG_CONTRACT, outcome),
@@ -113,6 +114,7 @@ def sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "first_day": str(stats["first_day"]),
             "last_day": str(stats["last_day"]),
             "refused_rows": refused,
+            **run_metadata(spark, stats["rows"]),
         },
         check_results=checks,
     )
@@ -129,7 +131,8 @@ def trigger_events(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     warehouse.write(loaded.rows, "trigger_events")
     per_event = {r["event"]: int(r["count"]) for r in warehouse.read(spark, "trigger_events").groupBy("event").count().collect()}
     return dg.MaterializeResult(
-        metadata={"events": dg.MetadataValue.json(per_event), "refused_rows": sum(counts.values())}
+        metadata={"events": dg.MetadataValue.json(per_event), "refused_rows": sum(counts.values()),
+                  **run_metadata(spark, sum(per_event.values()))}
     )
 
 
@@ -181,6 +184,7 @@ def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "kept_on_last_valid_spec": dg.MetadataValue.json(loaded.kept),
             # what the experiment-files sensor compares with at its first tick (jobs/sensors.py)
             "file_digests": dg.MetadataValue.json(experiment_files.experiment_file_digests(directory)),
+            **run_metadata(spark, len(specs)),
         },
         check_results=[
             dg.AssetCheckResult(

@@ -143,7 +143,7 @@ def execute(job_name: str, outcome: Outcome, partition_key: str | None = None, t
             run_config: dict | None = None) -> bool:
     """Run one job in this process (one Spark driver), recorded in the instance; True when it succeeded."""
     from jobs.definitions import defs
-    from jobs.runs import process_tags
+    from jobs.runs import run_tags
 
     instance = _instance()
     config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, **(run_config or {})}
@@ -152,11 +152,15 @@ def execute(job_name: str, outcome: Outcome, partition_key: str | None = None, t
     say(f"{job_name}: started (" + (where or f"Spark master {os.environ.get('PRICELAB_SPARK_MASTER') or 'local[*]'}") + ")")
     result = defs.get_job_def(job_name).execute_in_process(
         run_config=config, instance=instance, partition_key=partition_key,
-        tags={**(tags or {}), **process_tags()}, raise_on_error=False,
+        tags={**(tags or {}), **run_tags()}, raise_on_error=False,
     )
-    for event in result.all_events:
+    seen = set()
+    for event in result.all_events:  # a range run records each check per day too: list each failure once
         if event.event_type_value == "ASSET_CHECK_EVALUATION" and not event.asset_check_evaluation_data.passed:
-            outcome.refusals.extend(_check_lines(event.asset_check_evaluation_data))
+            lines = tuple(_check_lines(event.asset_check_evaluation_data))
+            if lines not in seen:
+                seen.add(lines)
+                outcome.refusals.extend(lines)
     if not result.success:
         outcome.failed = True
         failures = [_failure_line(e) for e in result.all_events if e.is_step_failure] or ["the run failed (see its log)"]
@@ -218,16 +222,15 @@ def cmd_refresh_results(args, root: Path) -> int:
 
 
 def _accepted_experiments(root: Path):
-    import pandas as pd
-
+    """The experiments the last build accepted (through the warehouse, on this process's session)."""
     from pipelines.experiments import frame_to_specs
+    from pipelines.spark import get_spark
+    from pipelines.storage import Warehouse
 
-    try:
-        import pyarrow.dataset as ds
-
-        frame = ds.dataset(str(root / "warehouse" / "experiments"), format="parquet").to_table().to_pandas()
-    except Exception:
-        frame = pd.DataFrame()
+    warehouse = Warehouse(root)
+    if not warehouse.exists("experiments"):
+        return []
+    frame = warehouse.read(get_spark(), "experiments").toPandas()
     return frame_to_specs(frame) if not frame.empty else []
 
 
@@ -277,18 +280,15 @@ def cmd_retire(args, root: Path) -> int:
 
 
 def _registry(root: Path):
-    """The enrolled experiments (pyarrow, no Spark), or None."""
-    import pyarrow.dataset as ds
+    """The enrolled experiments (read without Spark), or None."""
+    from assets.inputs import read_registry
+    from pipelines.storage import Warehouse
 
-    from pipelines.experiments import REGISTRY_TABLE
-
-    path = root / "warehouse" / REGISTRY_TABLE
-    if not path.is_dir():
-        return None
     try:
-        return ds.dataset(str(path), format="parquet", partitioning="hive").to_table().to_pandas()
+        return read_registry(Warehouse(root))
     except Exception as exc:
-        raise UsageError(f"cannot read the experiment registry at {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        raise UsageError(f"cannot read the experiment registry under {root / 'warehouse'}: "
+                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def cmd_ui(args, root: Path) -> int:

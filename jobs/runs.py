@@ -19,6 +19,20 @@ def process_tags() -> dict[str, str]:
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
 
+# Runs made in-process (`make demo`, `pricelab`) carry the code location's label, as runs
+# launched from the UI do, so the UI lists them under their jobs (`dagster dev -m
+# jobs.definitions` and workspace.yaml both name the location "jobs.definitions").
+CODE_LOCATION = "jobs.definitions"
+REPOSITORY_LABEL = f"__repository__@{CODE_LOCATION}"
+
+
+def run_tags() -> dict[str, str]:
+    """Tags for a run executed in this process: its process and the code location's label."""
+    from dagster._core.storage.tags import REPOSITORY_LABEL_TAG
+
+    return {**process_tags(), REPOSITORY_LABEL_TAG: REPOSITORY_LABEL}
+
+
 def record_run_process(instance: dg.DagsterInstance | None, run_id: str | None) -> None:
     """Tag the run with this process (the process that executes its steps)."""
     if instance is None or not run_id:

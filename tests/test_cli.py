@@ -184,6 +184,14 @@ def test_a_new_user_runs_2025_data_end_to_end(tmp_path):
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     statuses = sorted((r.job_name, r.status.value) for r in _instance(root).get_runs())
     assert statuses == [("build_graph_job", "SUCCESS"), ("publish_assignments_job", "SUCCESS"), ("refresh_results_job", "SUCCESS")]
+    # progress with an estimate, in the console (and so in the run log, which the console logger mirrors)
+    logged = out.stdout + out.stderr
+    assert "substitution graph: 1/2 snapshot(s) done (50%)" in logged and "~" in logged.split("1/2 snapshot(s) done")[1][:60]
+    assert "experiment_results: 2/2 experiment(s) done (100%)" in logged
+    instance = _instance(root)
+    graph_run = next(r for r in instance.get_runs() if r.job_name == "build_graph_job")
+    run_log = [e.user_message for e in instance.all_logs(graph_run.run_id) if e.user_message]
+    assert any("substitution graph: 2/2 snapshot(s) done (100%)" in m for m in run_log)
     # the cluster experiment starting before the last sales day got a snapshot in force at its start
     clusters = root / "warehouse" / "product_clusters"
     assert sorted(p.name for p in clusters.iterdir() if p.name.startswith("snapshot_date=")) == [

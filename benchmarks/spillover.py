@@ -87,6 +87,24 @@ def assignments_of(spec: ExperimentSpec, units: pd.DataFrame) -> pd.DataFrame:
 # Phase 1 (Spark): learned graph and clusters per world
 # ------------------------------------------------------------------------------------------------
 
+def graph_free_worlds(opts: dict, n_worlds: int) -> dict:
+    """Phase 1 without Spark, for `--forecast-only`: product randomisation needs no graph, and with
+    `--cluster-source true` the clusters are the simulator's own substitute groups (an oracle
+    stand-in for learned clusters: a diagnosis of the forecast estimate under cluster
+    randomisation, not of the graph stage). The reported spillover estimate needs no graph."""
+    worlds = {}
+    for w in range(n_worlds):
+        world = simulation.simulate_market(world_config(opts, w))
+        sales, _ = simulation.simulate_history(world)
+        ids = world.catalog["product_id"].astype(str)
+        group = "group:" + ids.map(world.products.set_index("product_id")["true_group"].astype(str))
+        unit_ids = {"product": ids, "cluster": group}
+        units = {unit: spillover.units_from_catalog(pd.DataFrame({"product_id": ids, "unit_id": unit_ids[unit]}), world.catalog)
+                 for unit in opts["designs"]}
+        worlds[w] = {"units": units, "sales": sales, "info": {}}
+    return worlds
+
+
 def learn_worlds(opts: dict, n_worlds: int) -> dict:
     from pipelines import assignment, clustering, graph
     from pipelines.spark import get_spark
@@ -108,9 +126,9 @@ def learn_worlds(opts: dict, n_worlds: int) -> dict:
         metrics = clustering.cluster_metrics(edges_sdf, clusters_sdf)
         units = {unit: assignment.enrolment_units(make_spec(config, unit, 0, opts), catalog_sdf,
                                                   clusters_sdf if unit == "cluster" else None).toPandas()
-                 for unit in DESIGNS}
+                 for unit in opts["designs"]}
         if w == 0:  # the numpy draw must be the Spark draw, row for row
-            for unit in DESIGNS:
+            for unit in opts["designs"]:
                 spec_u = make_spec(config, unit, 12345, opts)
                 days = [spec_u.start + timedelta(days=i) for i in range(spec_u.n_days)]
                 expected = assignment.assign_days(spec_u, spark.createDataFrame(units[unit]), days).toPandas()
@@ -193,13 +211,23 @@ def _world(w: int, opts: dict):
     return _WORLDS[w]
 
 
+class _Skipped:
+    effect_ = np.nan
+
+
+_SKIPPED_HPTE = _Skipped()
+_SKIPPED_IPW = {"spillover_effect": np.nan, "spillover_se": np.nan, "message": "skipped (--forecast-only)",
+                "spillover_effect_ht": np.nan, "spillover_se_ht": np.nan, "global_effect_hajek": np.nan,
+                "n_stabilised": np.nan, "exposure_counts": {k: np.nan for k in spillover.CONDITIONS}}
+
+
 def replicate(job: tuple[int, dict]) -> list[dict]:
     rep, opts = job
     warnings.simplefilter("ignore")
     w = rep // opts["reps_per_world"]
     world, learned = _world(w, opts)
     rows = []
-    for unit in DESIGNS:
+    for unit in opts["designs"]:
         spec = make_spec(world.config, unit, 100_000 + rep, opts)
         units = learned["units"][unit]
         a = assignments_of(spec, units)
@@ -220,13 +248,16 @@ def replicate(job: tuple[int, dict]) -> list[dict]:
         else:
             fd = first_differences_fast(*_BASE_FD[(w, unit)], window_sales, a)
         did = estimation.DiDEstimator(n_bootstrap=opts["bootstrap"], random_state=rep).fit(fd)
-        hpte = estimation.HPTEEstimator(n_bootstrap=opts["bootstrap"], n_estimators=opts["trees"],
-                                        random_state=rep).fit(fd, world.catalog)
-        spill = spillover.estimate_spillover(fd, a, learned["exposure_edges"], spec, units=units, n_redraws=opts["redraws"])
+        if opts["forecast_only"]:  # the reported estimate only: no HPTE, no IPW (their redraws dominate the time)
+            hpte, spill, oracle = _SKIPPED_HPTE, _SKIPPED_IPW, _SKIPPED_IPW
+        else:
+            hpte = estimation.HPTEEstimator(n_bootstrap=opts["bootstrap"], n_estimators=opts["trees"],
+                                            random_state=rep).fit(fd, world.catalog)
+            spill = spillover.estimate_spillover(fd, a, learned["exposure_edges"], spec, units=units, n_redraws=opts["redraws"])
+            # diagnosis: the same estimate with exposures on the simulator's own graph (what graph errors cost)
+            true_edges = world.true_edges.rename(columns={"cross_elasticity": "weight"})
+            oracle = spillover.estimate_spillover(fd, a, true_edges, spec, units=units, n_redraws=opts["redraws"])
         counts = spill["exposure_counts"]
-        # diagnosis: the same estimate with exposures on the simulator's own graph (what graph errors cost)
-        true_edges = world.true_edges.rename(columns={"cross_elasticity": "weight"})
-        oracle = spillover.estimate_spillover(fd, a, true_edges, spec, units=units, n_redraws=opts["redraws"])
         forecast = spillover.spillover_from_forecasts(fd)
         rows.append({"spillover_fc": forecast["estimate"], "spillover_se_fc": forecast["se"],
             "spillover_lo_fc": forecast["ci_low"], "spillover_hi_fc": forecast["ci_high"],
@@ -313,23 +344,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exposure-fdr", type=float, default=0.0,
                         help="exposures on a graph learned at this FDR (0 = the clustering graph's)")
     parser.add_argument("--exposure-min-corr", type=float, default=0.1)
+    parser.add_argument("--forecast-only", action="store_true",
+                        help="only the reported (forecast) spillover estimate and DiD: skips HPTE and the IPW estimates")
+    parser.add_argument("--designs", default="product,cluster",
+                        help="comma-separated randomisation units; 'product' alone with --forecast-only needs no Spark")
+    parser.add_argument("--cluster-source", default="learned", choices=("learned", "true"),
+                        help="true (with --forecast-only): cluster on the simulator's substitute groups, no Spark (a diagnosis)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     args.products = args.products or REGIME_SIZES[args.regime][0]
     args.subclasses = args.subclasses or REGIME_SIZES[args.regime][1]
     opts = {k: getattr(args, k) for k in ("regime", "products", "subclasses", "weeks", "price_change", "max_cluster", "redraws",
-                                           "bootstrap", "trees", "reps_per_world", "exposure_fdr", "exposure_min_corr")}
+                                           "bootstrap", "trees", "reps_per_world", "exposure_fdr", "exposure_min_corr",
+                                           "forecast_only", "cluster_source")}
+    opts["designs"] = tuple(d for d in args.designs.split(",") if d)
+    unknown = set(opts["designs"]) - set(DESIGNS)
+    if unknown or not opts["designs"]:
+        parser.error(f"--designs: unknown {sorted(unknown)}; choose from {DESIGNS}")
+    if args.cluster_source == "true" and not args.forecast_only:
+        parser.error("--cluster-source true needs --forecast-only (the IPW and HPTE rows need the learned graph)")
     params = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
     print(f"benchmarks/spillover.py {params}", flush=True)
     started = time.time()
     n_worlds = -(-args.replications // args.reps_per_world)
-    worlds = learn_worlds(opts, n_worlds)
+    graph_free = opts["forecast_only"] and (opts["designs"] == ("product",) or opts["cluster_source"] == "true")
+    worlds = graph_free_worlds(opts, n_worlds) if graph_free else learn_worlds(opts, n_worlds)
     with tempfile.TemporaryDirectory() as tmp:
         _WORLD_FILE = tmp  # one file per world: a worker loads only the world it replicates
         for w, learned in worlds.items():
             with open(os.path.join(tmp, f"world{w}.pkl"), "wb") as f:
                 pickle.dump(learned, f)
-        print(f"phase 1 (graph + clusters of {n_worlds} worlds, Spark) {time.time() - started:.0f} s", flush=True)
+        print(f"phase 1 ({'simulated' if graph_free else 'graph + clusters of'} {n_worlds} worlds"
+              f"{'' if graph_free else ', Spark'}) {time.time() - started:.0f} s", flush=True)
         jobs = [(rep, opts) for rep in range(args.replications)]
         results = run_replications(replicate, jobs, args.workers, started, args.out)
     table = summarise(results)
@@ -338,12 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     pd.set_option("display.max_columns", 40)
     print()
     print(f"command: .venv/bin/python benchmarks/spillover.py {params}")
+    graph_line = (f"learned graph: mean recall by true cross elasticity {info['recall_weight'].mean():.2f}, precision "
+                  f"{info['precision'].mean():.2f}; learned clusters (max {args.max_cluster}): mean {info['clusters'].mean():.0f}, "
+                  f"singletons {info['singleton_share'].mean():.3f}, blocks randomised whole {info['blocks_whole'].mean():.1f}/"
+                  f"{info['blocks'].mean():.0f}, cutting {info['cut_share_true'].mean():.2f} of the true cross elasticity (kept "
+                  f"inside: {1 - info['cut_share_true'].mean():.2f})" if "recall_weight" in info else "no graph learned (product design only)")
     print(f"regime {args.regime}; worlds: {n_worlds} x {args.products} products in {args.subclasses} subclasses, time_bound {args.weeks} weeks, "
-          f"price change {args.price_change:+.0%}, treated share 0.5, whole catalogue; learned graph: mean recall by true "
-          f"cross elasticity {info['recall_weight'].mean():.2f}, precision {info['precision'].mean():.2f}; learned "
-          f"clusters (max {args.max_cluster}): mean {info['clusters'].mean():.0f}, singletons {info['singleton_share'].mean():.3f}, "
-          f"blocks randomised whole {info['blocks_whole'].mean():.1f}/{info['blocks'].mean():.0f}, cutting "
-          f"{info['cut_share_true'].mean():.2f} of the true cross elasticity (kept inside: {1 - info['cut_share_true'].mean():.2f})")
+          f"price change {args.price_change:+.0%}, treated share 0.5, whole catalogue; {graph_line}"
+          + ("; clusters = the simulator's TRUE substitute groups (oracle stand-in, diagnosis)" if args.cluster_source == "true" else ""))
     print("plain = DiD on first differences, hpte = HPTEEstimator; *_bias against true_global_effect (mcse = Monte Carlo SE). "
           "spill_fc = spillover from the controls' forecasts (spillover_from_forecasts, the reported estimate; "
           "interval Student t) vs true_spillover_effect; spill = Hajek IPW spillover on controls (estimate_spillover); cover = 95% interval coverage; "
@@ -351,16 +399,18 @@ def main(argv: list[str] | None = None) -> int:
           "stabilised = mean products whose probability was raised to the floor"
           + "; spill_tg = the same estimate with exposures on the simulator's TRUE graph (diagnosis, not a result)")
     print(table.T.to_string(float_format=lambda v: f"{v:.4f}"))
-    p, c = table.set_index("design").loc["product"], table.set_index("design").loc["cluster"]
     print("\ngoals:")
-    if args.regime == "no_substitutes":
+    if set(opts["designs"]) != set(DESIGNS) or args.cluster_source == "true":
+        pass  # the clustering goals need both designs on learned clusters
+    elif args.regime == "no_substitutes":
         share = info["singleton_share"].mean()
         print(f"  singletons on a market without substitutes: {share:.3f} ({'ok' if share >= 0.9 else 'MISSED'} >= 0.90)")
     else:
         kept = 1 - info["cut_share_true"].mean()
         print(f"  true cross weight kept inside clusters: {kept:.3f} ({'ok' if kept >= 0.7 else 'MISSED'} >= 0.70), "
               f"largest cluster {info['cluster_size_max'].max():.0f} (max {args.max_cluster})")
-        for est in ("plain", "hpte"):
+        p, c = table.set_index("design").loc["product"], table.set_index("design").loc["cluster"]
+        for est in ("plain",) if args.forecast_only else ("plain", "hpte"):
             reduction = 1 - abs(c[f"{est}_bias"]) / abs(p[f"{est}_bias"])
             print(f"  {est}: spillover bias {p[f'{est}_bias']:+.4f} (product) -> {c[f'{est}_bias']:+.4f} (cluster): "
                   f"reduction {reduction:.0%} ({'ok' if reduction >= 0.60 else 'MISSED'} >= 60%)")
@@ -369,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({'ok' if 0.90 <= row['spill_fc_cover'] <= 0.97 else 'MISSED'} 0.90-0.97), bias {row['spill_fc_bias']:+.4f} "
               f"(emp SE {row['spill_fc_emp_se']:.4f}, mean SE {row['spill_fc_mean_se']:.4f}, "
               f"{row['spill_fc_estimable']:.0f}/{row['reps']:.0f} estimable)")
+        if args.forecast_only:
+            continue
         print(f"  spillover coverage ({design}, IPW on the learned graph's exposures): {row['spill_cover']:.3f} "
               f"({'ok' if 0.90 <= row['spill_cover'] <= 0.97 else 'MISSED'} 0.90-0.97), bias {row['spill_bias']:+.4f} "
               f"(emp SE {row['spill_emp_se']:.4f}, {row['spill_estimable']:.0f}/{row['reps']:.0f} estimable, of which "

@@ -106,7 +106,9 @@ class CounterfactualSettings:
 
     Back-test: every candidate of `COUNTERFACTUALS` predicts the `backtest_windows` stretches of
     the pre-period just before the experiment that have the experiment window's length, fitted
-    only on days before each stretch; its error is the mean square of the first difference it
+    only on days before each stretch (the seasonal shape and the known factors' effects, below,
+    on the pre-period without the stretch: a stretch is predicted out of sample, as the window
+    is, or its placebo errors would look smaller than the window's); its error is the mean square of the first difference it
     makes there with the product's own day pattern (a placebo: no treatment then). Per pool the
     candidate with the lowest mean error wins (`choose_counterfactual`).
 
@@ -299,6 +301,51 @@ def _carryover_difference(residual: np.ndarray, role: np.ndarray, known: np.ndar
     return float(residual[after_treated].mean() - residual[after_control].mean())
 
 
+def _known_factor_columns(panel: pd.DataFrame, in_window: np.ndarray, settings: CounterfactualSettings):
+    """The known factors (trigger event in force, untreated log price) as columns, or (None, []).
+
+    A factor is identified only if it moved on enough pre-period days, and it is never
+    extrapolated beyond the range the pre-period saw (a regular-price step after a flat history
+    would be)."""
+    factors, names = [], []
+    if settings.known_factors:
+        for column in ("event_on", "log_price"):
+            if column not in panel.columns:
+                continue
+            values = panel[column].to_numpy(dtype=float)
+            if column == "log_price":
+                reference = np.nanmedian(values[~in_window]) if np.isfinite(values[~in_window]).any() else np.nan
+                values = values - reference
+            values = np.where(np.isfinite(values), values, 0.0)
+            pre_values = values[~in_window]
+            if (np.abs(pre_values - np.median(pre_values)) > 1e-9).sum() >= MIN_FACTOR_DAYS:
+                factors.append(np.clip(values, pre_values.min(), pre_values.max()))
+                names.append("event" if column == "event_on" else "price")
+    return (np.column_stack(factors) if factors else None), names
+
+
+def _remove_known_factors(y: np.ndarray, factors: np.ndarray | None, names: list[str], days: np.ndarray,
+                          fit: np.ndarray, yearly: bool, trend: bool) -> tuple[np.ndarray, list[str]]:
+    """y minus the known factors' effects in units, fitted on the `fit` days with the product's own
+    trend and seasonality; returns (adjusted y, names of the factors removed).
+
+    A factor whose fitted effect is implausible (more than MAX_FACTOR_EFFECT x the product's mean
+    per unit: an elasticity beyond 5, an event more than doubling sales) is confounded with
+    something else in a short history: left out."""
+    if factors is None:
+        return y, []
+    fit_days, fit_y = days[fit], y[fit]
+    index = (fit_days - fit_days.max()).astype(np.int64).astype(float)
+    base = _design_matrix(index, fit_days, yearly, trend)
+    design = np.column_stack([base, factors[fit]])
+    if len(fit_y) < 2 * design.shape[1]:
+        return y, []
+    coef, *_ = np.linalg.lstsq(design, fit_y, rcond=None)
+    effect = coef[base.shape[1]:]
+    plausible = np.abs(effect) <= MAX_FACTOR_EFFECT * max(abs(float(fit_y.mean())), 1e-9)
+    return y - factors[:, plausible] @ effect[plausible], [n for n, ok in zip(names, plausible) if ok]
+
+
 def product_first_difference(
     panel: pd.DataFrame, switchback: bool, settings: CounterfactualSettings, pool_coef=None
 ) -> pd.DataFrame:
@@ -336,40 +383,9 @@ def product_first_difference(
         family = "trend+weekly" if n_pre >= settings.own_trend_min_days else "level+weekly"
 
     # known factors: effects in units fitted on the pre-period with the product's own trend/seasonality
-    factors, names = [], []
-    if settings.known_factors:
-        for column in ("event_on", "log_price"):
-            if column not in panel.columns:
-                continue
-            values = panel[column].to_numpy(dtype=float)
-            if column == "log_price":
-                reference = np.nanmedian(values[~in_window]) if np.isfinite(values[~in_window]).any() else np.nan
-                values = values - reference
-            values = np.where(np.isfinite(values), values, 0.0)
-            pre_values = values[~in_window]
-            # identified only if it moved on enough pre-period days; never extrapolated beyond
-            # the range the pre-period saw (a regular-price step after a flat history would be)
-            if (np.abs(pre_values - np.median(pre_values)) > 1e-9).sum() >= MIN_FACTOR_DAYS:
-                factors.append(np.clip(values, pre_values.min(), pre_values.max()))
-                names.append("event" if column == "event_on" else "price")
-    adjusted = y
-    if factors:
-        z = np.column_stack(factors)
-        origin_pre = pre_days.max()
-        index = (pre_days - origin_pre).astype(np.int64).astype(float)
-        base = _design_matrix(index, pre_days, family == "trend+weekly+yearly", family != "level+weekly")
-        design = np.column_stack([base, z[~in_window]])
-        if len(pre_y) >= 2 * design.shape[1]:
-            coef, *_ = np.linalg.lstsq(design, pre_y, rcond=None)
-            effect = coef[base.shape[1]:]
-            # a factor whose fitted effect is implausible (more than MAX_FACTOR_EFFECT x the
-            # product's mean per unit: an elasticity beyond 5, an event more than doubling sales)
-            # is confounded with something else in a short history: left out
-            plausible = np.abs(effect) <= MAX_FACTOR_EFFECT * max(abs(float(pre_y.mean())), 1e-9)
-            adjusted = y - z[:, plausible] @ effect[plausible]
-            names = [n for n, ok in zip(names, plausible) if ok]
-        else:
-            names = []
+    factors, factor_names = _known_factor_columns(panel, in_window, settings)
+    with_yearly, with_trend = family == "trend+weekly+yearly", family != "level+weekly"
+    adjusted, names = _remove_known_factors(y, factors, factor_names, days, ~in_window, with_yearly, with_trend)
     adj_pre = adjusted[~in_window]
 
     origin = window_days.min()
@@ -381,12 +397,23 @@ def product_first_difference(
     control_days = window_role == 0
     after_treated_share = float((known_previous & previous_treated & control_days).sum() / max(control_days.sum(), 1))
     candidates = _Candidates(family, pool_coef, settings)
-    backtest_shapes = []
+    # a back-test window is predicted as the experiment window is: its known-factor effects and
+    # seasonal shape are fitted without its own days (in-sample effects would make the placebo
+    # errors, hence the back-test errors and the spillover's common error, look smaller than the
+    # window's)
+    backtest_shapes, backtest_pre = [], []
     for j in range(1, settings.backtest_windows + 1):
         start = origin - j * span
         outside = (pre_days < start) | (pre_days >= start + span)
-        candidates.seasonal_shape(pre_days[outside], adj_pre[outside], origin)
+        if factors is None:
+            adj_pre_j = adj_pre
+        else:
+            fit_days = ~in_window
+            fit_days[np.flatnonzero(~in_window)[~outside]] = False
+            adj_pre_j = _remove_known_factors(y, factors, factor_names, days, fit_days, with_yearly, with_trend)[0][~in_window]
+        candidates.seasonal_shape(pre_days[outside], adj_pre_j[outside], origin)
         backtest_shapes.append(candidates.shape)
+        backtest_pre.append(adj_pre_j)
     candidates.seasonal_shape(pre_days, adj_pre, origin)
     window_shape = candidates.shape
     n_candidates = len(COUNTERFACTUALS)
@@ -411,12 +438,12 @@ def product_first_difference(
             if not target.any():
                 continue
             role = role_by_offset[(pre_days[target] - start).astype(np.int64)]
-            candidates.shape = backtest_shapes[j - 1]
-            predicted_bt, _ = candidates.predict(name, pre_days[fit], adj_pre[fit], pre_days[target], start)
+            candidates.shape, adj_pre_j = backtest_shapes[j - 1], backtest_pre[j - 1]
+            predicted_bt, _ = candidates.predict(name, pre_days[fit], adj_pre_j[fit], pre_days[target], start)
             candidates.shape = window_shape
             if predicted_bt is None:
                 continue
-            backtest[k, j - 1] = _window_statistic(adj_pre[target] - predicted_bt, role, switchback)
+            backtest[k, j - 1] = _window_statistic(adj_pre_j[target] - predicted_bt, role, switchback)
     # the blend: the mean of the history rule's and the recent level's predictions (their errors
     # are far from perfectly correlated); every statistic is linear in the prediction
     blend, parts = COUNTERFACTUALS.index("blend"), [COUNTERFACTUALS.index(n) for n in BLENDED]

@@ -328,6 +328,12 @@ def parse_experiment_file(path) -> ExperimentSpec:
     Raises `ExperimentFileError` naming the file, the field and the reason. The catalogue-dependent
     checks (unknown products, overlaps, duplicate names) are `load_experiments`'s.
     """
+    return _parse_mapping(read_yaml_mapping(path), str(path))
+
+
+def read_yaml_mapping(path) -> dict:
+    """The mapping of one YAML file (size-capped, strict SafeLoader, dates as text), or
+    `ExperimentFileError` naming the file and the reason (shared with `pipelines.advisor`'s proposals)."""
     file = str(path)
     try:
         size = Path(path).stat().st_size
@@ -349,7 +355,7 @@ def parse_experiment_file(path) -> ExperimentSpec:
     if not isinstance(raw, dict):
         kind = "an empty file" if raw is None else f"a {type(raw).__name__}"
         raise ExperimentFileError(file, None, f"expected a mapping of fields, found {kind}")
-    return _parse_mapping(raw, file)
+    return raw
 
 
 # ----------------------------------------------------------------------------------------------

@@ -437,3 +437,27 @@ def test_counterfactual_back_test_picks_the_recent_level_under_a_drift():
     assert fd["counterfactual"].str.startswith("level_").all(), fd["counterfactual"].value_counts()
     k = estimation.COUNTERFACTUALS.index(fd["counterfactual"].iloc[0])
     assert np.allclose(fd["first_difference"], np.array(fd["candidate_fd"].tolist())[:, k])
+
+
+def test_back_test_windows_are_predicted_out_of_sample():
+    """A back-test window is forecast as the experiment window is: nothing fitted for it (known
+    factors' effects, seasonal shape, level and trend) sees its own days. So adding c units to
+    every day of the most recent back-test window moves that window's placebo by exactly c; with
+    the promotion effect fitted in sample (as before) it moved by less, and the placebos looked
+    better than the window's own forecast errors."""
+    rng = np.random.default_rng(11)
+    pre, window = 364, 28
+    days = pd.date_range(START - dt.timedelta(days=pre), periods=pre + window)
+    promo = (np.arange(len(days)) % 37 < 6) | ((days >= pd.Timestamp(START) - pd.Timedelta(days=20)) & (days < pd.Timestamp(START) - pd.Timedelta(days=12)))
+    price = np.where(promo, 7.0, 10.0)
+    units = 20 + 15 * promo + 2 * np.sin(2 * np.pi * np.arange(len(days)) / 365) + rng.normal(0, 1, len(days))
+    sales = pd.DataFrame({"product_id": "P0", "date": days, "price": price, "units": units})
+    assignments = pd.DataFrame({"date": days[pre:], "experiment": "e", "product_id": "P0", "unit_id": "P0",
+                                "arm": "control", "blackout": False, "price_change": 0.0})
+    fd = estimation.first_differences_pandas(sales, assignments, {"e": "time_bound"})
+    assert "price" in fd["known_factors"].iloc[0]
+    shifted = sales.assign(units=np.where((days >= pd.Timestamp(START) - pd.Timedelta(days=window)) & (days < pd.Timestamp(START)),
+                                          units + 5.0, units))
+    fd_shifted = estimation.first_differences_pandas(shifted, assignments, {"e": "time_bound"})
+    rule_window_1 = lambda f: np.array(f["candidate_placebo_windows"].iloc[0]).reshape(len(estimation.COUNTERFACTUALS), -1)[0, 0]  # noqa: E731
+    assert rule_window_1(fd_shifted) - rule_window_1(fd) == pytest.approx(5.0, abs=1e-9)

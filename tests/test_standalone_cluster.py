@@ -116,8 +116,13 @@ def test_publishing_on_a_standalone_cluster_equals_the_local_run(standalone_mast
     assert on_cluster.returncode == 0, on_cluster.stdout[-3000:] + on_cluster.stderr[-2000:]
     assert f"Spark master {master_url}" in on_cluster.stdout  # the run says where it ran
     # ... and the master saw it: one completed application, pricelab's
-    with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=10) as answer:
-        state = json.load(answer)
+    deadline = time.time() + 30
+    while True:  # the master notices the driver's end within seconds
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=10) as answer:
+            state = json.load(answer)
+        if state["completedapps"] or time.time() > deadline:
+            break
+        time.sleep(1)
     assert [app["name"] for app in state["completedapps"]] == ["pricelab"] and len(state["workers"]) == 1
     a, b = _published(local), _published(cluster)
     assert len(a) == 28 * 12 + 21 * 12 and a.equals(b)

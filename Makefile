@@ -33,20 +33,33 @@ maven:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq maven; \
 	fi
 
-# The JVM jars pinned in jvm/pom.xml (GraphFrames) and their runtime dependencies, copied into
-# ./jars once; the Spark session puts ./jars/*.jar on its classpath, so runs need no network.
-# When the registry does not serve them, setup still succeeds: jars/UNAVAILABLE says why, the
-# clustering falls back to plain Spark (and logs it), and the next setup tries again.
-jars/.fetched: jvm/pom.xml | java maven
+# The JVM jars pinned in jvm/pom.xml (GraphFrames) and jvm/delta/pom.xml (Delta Lake) and their
+# runtime dependencies, copied into ./jars once; the Spark session puts ./jars/*.jar on its
+# classpath, so runs need no network. Each pom is fetched on its own (into a staging folder, moved
+# in only when complete), so a registry refusing one set does not stop the other. When one is not
+# served, setup still succeeds and says why: jars/UNAVAILABLE (GraphFrames: the clustering falls
+# back to plain Spark and logs it) or jars/UNAVAILABLE-delta (Delta: the warehouse refuses to run,
+# saying so); the next setup tries again.
+JVM_SETS := graphframes:jvm/pom.xml delta:jvm/delta/pom.xml
+jars/.fetched: jvm/pom.xml jvm/delta/pom.xml | java maven
 	@rm -rf jars && mkdir -p jars
-	@if mvn -q -B -f jvm/pom.xml dependency:copy-dependencies -DincludeScope=runtime \
-			-DoutputDirectory=$(CURDIR)/jars >jars/fetch.log 2>&1; then \
-		touch $@; echo "fetched the JVM jars of jvm/pom.xml into jars/: $$(cd jars && ls *.jar | tr '\n' ' ')"; \
-	else \
-		missing=$$(grep -m1 -oE '[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+:jar:[A-Za-z0-9_.-]+' jars/fetch.log); \
-		echo "the Maven registry did not serve $${missing:-the pinned artifacts} (see jars/fetch.log)" >jars/UNAVAILABLE; \
-		echo "WARNING: the JVM jars of jvm/pom.xml not fetched: $$(cat jars/UNAVAILABLE); connected components will use the plain Spark fallback"; \
-	fi
+	@ok=1; for set in $(JVM_SETS); do \
+		name=$${set%%:*}; pom=$${set#*:}; \
+		if [ $$name = graphframes ]; then log=jars/fetch.log; refused=jars/UNAVAILABLE; else log=jars/fetch-$$name.log; refused=jars/UNAVAILABLE-$$name; fi; \
+		if mvn -q -B -f $$pom dependency:copy-dependencies -DincludeScope=runtime \
+				-DoutputDirectory=$(CURDIR)/jars/.staging-$$name >$$log 2>&1; then \
+			mv jars/.staging-$$name/*.jar jars/ && rm -rf jars/.staging-$$name; \
+			echo "fetched the JVM jars of $$pom ($$name) into jars/"; \
+		else \
+			ok=0; rm -rf jars/.staging-$$name; \
+			missing=$$(grep -m1 -oE '[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+:jar:[A-Za-z0-9_.-]+' $$log); \
+			echo "the Maven registry did not serve $${missing:-the pinned artifacts} (see $$log)" >$$refused; \
+			if [ $$name = graphframes ]; then then="connected components will use the plain Spark fallback"; \
+			else then="the warehouse (Delta tables) cannot run until they are fetched"; fi; \
+			echo "WARNING: the JVM jars of $$pom ($$name) not fetched: $$(cat $$refused); $$then"; \
+		fi; \
+	done; \
+	if [ $$ok = 1 ]; then touch $@; fi
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	@mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $@

@@ -8,7 +8,9 @@ so a product added to the catalogue later never shifts a running experiment's ar
 same rows, and a run that would alter a published day is refused before anything is written.
 The blocking checks (contract, units move together) run on the computed rows before any day is
 written; a failure publishes nothing. One publish at a time: a second concurrent run is refused
-by the warehouse lock with a clear message.
+by the warehouse lock with a clear message. Each day is one Delta commit, written once (see
+`pipelines.storage`): a run on another machine racing this one for a day gets a clear conflict,
+and the `published_days_unchanged` check reads the table's Delta history after every run.
 """
 
 import base64
@@ -21,13 +23,16 @@ from pyspark.sql import functions as F
 
 from assets.checks import gx_check_result, run_metadata
 from assets.inputs import read_registry
+from assets.kinds import DELTA_TABLE
 from assets.partitions import daily_partitions
 from pipelines import assignment, experiments, quality
-from pipelines.storage import WarehouseLockedError
+from pipelines.storage import WarehouseLockedError, WriteConflictError
 
 ASSIGNMENT_CONTRACT = "assignment_contract"
 UNITS_MOVE_TOGETHER = "units_move_together"
 EXPERIMENTS_PUBLISHED = "experiments_published"
+PUBLISHED_UNCHANGED = "published_days_unchanged"
+AUDITED_DAYS = 10  # at most this many of the run's already-published days (the latest) compared with their first publication
 CALENDAR_UNITS = 40
 
 
@@ -53,6 +58,7 @@ def _changed_days(new: DataFrame, published: DataFrame) -> list[dict]:
 
 @dg.asset(
     group_name="assignments",
+    kinds=DELTA_TABLE,
     partitions_def=daily_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
     deps=["experiments", "catalog", "product_clusters", "trigger_events"],
@@ -69,6 +75,13 @@ def _changed_days(new: DataFrame, published: DataFrame) -> list[dict]:
         dg.AssetCheckSpec(
             EXPERIMENTS_PUBLISHED, asset="daily_assignments", partitions_def=daily_partitions,
             description="warns when an active experiment could not be assigned (e.g. no clusters snapshot)",
+        ),
+        dg.AssetCheckSpec(
+            PUBLISHED_UNCHANGED, asset="daily_assignments",
+            description=(
+                "Delta's version history: every published day was written by one commit and nothing else wrote "
+                "the table after; the run's already-published days equal their first publication (time travel)"
+            ),
         ),
     ],
 )
@@ -185,9 +198,13 @@ def _publish(context, spark, warehouse, days: list[dt.date]) -> dg.MaterializeRe
             )
     new_days = [d for d in days if d not in published_days]
     if new_days:
-        warehouse.write_partitions(
-            rows.where(F.col("date").isin(new_days)), "daily_assignments", "date", [d.isoformat() for d in new_days]
-        )
+        try:
+            warehouse.write_partitions(
+                rows.where(F.col("date").isin(new_days)), "daily_assignments", "date", [d.isoformat() for d in new_days]
+            )
+        except WriteConflictError as error:  # another machine's run published one of these days first
+            rows.unpersist()
+            raise dg.Failure(description=f"daily_assignments {days[0]}..{days[-1]} not all published: {error}") from None
 
     counts = {
         f"{r['experiment']}/{r['arm']}": int(r["count"])
@@ -222,6 +239,10 @@ def _publish(context, spark, warehouse, days: list[dt.date]) -> dg.MaterializeRe
         metadata[f"calendar_{spec.name}"] = dg.MetadataValue.md(
             f"![{spec.name}](data:image/png;base64,{base64.b64encode(picture).decode()})"
         )
+    audited = sorted(d.isoformat() for d in published_days)[-AUDITED_DAYS:]
+    problems = warehouse.audit_published(spark, "daily_assignments", values=audited)
+    if problems:
+        context.log.error(f"daily_assignments: Delta's history shows a published day changed: {problems[0][:300]}")
     check_results = [
         gx_check_result(ASSIGNMENT_CONTRACT, outcome),
         dg.AssetCheckResult(
@@ -232,10 +253,20 @@ def _publish(context, spark, warehouse, days: list[dt.date]) -> dg.MaterializeRe
             check_name=EXPERIMENTS_PUBLISHED, passed=not not_published, severity=dg.AssetCheckSeverity.WARN,
             metadata={"not_published": dg.MetadataValue.json(not_published)},
         ),
+        dg.AssetCheckResult(
+            check_name=PUBLISHED_UNCHANGED, passed=not problems,
+            metadata={
+                "problems": dg.MetadataValue.json(problems[:20]),
+                "table_version": int(warehouse.history("daily_assignments", last=1)["version"].iloc[-1]),
+                "days_compared_with_first_publication": dg.MetadataValue.json(audited),
+            },
+        ),
     ]
-    if len(days) > 1:  # a range run (a backfill): the checks are recorded on each of its days too
+    if len(days) > 1:  # a range run (a backfill): the per-day checks are recorded on each of its days too
         blocking = {ASSIGNMENT_CONTRACT: True, UNITS_MOVE_TOGETHER: True, EXPERIMENTS_PUBLISHED: False}
         for result in check_results:
+            if result.check_name not in blocking:  # PUBLISHED_UNCHANGED is about the whole table
+                continue
             for day in days:
                 context.log_event(dg.AssetCheckEvaluation(
                     asset_key=dg.AssetKey("daily_assignments"), check_name=result.check_name, passed=result.passed,

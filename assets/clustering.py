@@ -9,6 +9,7 @@ import dagster as dg
 from pyspark.sql import functions as F
 
 from assets.checks import run_metadata
+from assets.kinds import DELTA_TABLE
 from pipelines import clustering, graph
 from pipelines.progress import spark_progress
 
@@ -18,6 +19,7 @@ EVERY_PRODUCT_ONE_CLUSTER = "every_product_in_one_cluster"
 
 @dg.asset(
     group_name="graph",
+    kinds=DELTA_TABLE,
     deps=["substitution_graph", "catalog"],
     required_resource_keys={"spark", "warehouse"},
     check_specs=[

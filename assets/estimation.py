@@ -7,6 +7,7 @@ import pandas as pd
 from pyspark.sql import functions as F
 
 from assets.checks import run_metadata
+from assets.kinds import DELTA_TABLE
 from assets.inputs import load_checked_sales, sales_check_specs
 from assets.mode import demo_mode
 from pipelines import estimation, graph, spillover
@@ -18,6 +19,7 @@ PRE_DAYS = estimation.CounterfactualSettings().pre_days
 
 @dg.asset(
     group_name="results",
+    kinds=DELTA_TABLE,
     deps=["daily_assignments", "catalog"] + (["simulated_sales"] if demo_mode() else []),
     required_resource_keys={"spark", "warehouse"},
     check_specs=sales_check_specs("experiment_sales"),
@@ -42,6 +44,7 @@ def experiment_sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 
 @dg.asset(
     group_name="results",
+    kinds=DELTA_TABLE,
     deps=["experiment_sales", "daily_assignments", "experiments", "catalog", "trigger_events"],
     required_resource_keys={"spark", "warehouse"},
 )
@@ -135,6 +138,7 @@ def _clusters_in_force(context, specs: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 @dg.asset(
     group_name="results",
+    kinds=DELTA_TABLE,
     deps=["first_differences", "experiments", "experiment_sales", "substitution_graph", "product_clusters", "daily_assignments"],
     required_resource_keys={"spark", "warehouse"},
 )

@@ -11,6 +11,7 @@ import dagster as dg
 from pyspark.sql import functions as F
 
 from assets.checks import run_metadata
+from assets.kinds import DELTA_TABLE
 from pipelines import graph, inputs
 from pipelines.progress import Progress, spark_progress
 
@@ -59,7 +60,7 @@ def experiment_starts(spark, warehouse) -> list[dt.date]:
     return sorted({r["start"] for r in warehouse.read(spark, "experiments").select("start").collect()})
 
 
-@dg.asset(group_name="graph", deps=["sales", "catalog", "experiments"], required_resource_keys={"spark", "warehouse"})
+@dg.asset(kinds=DELTA_TABLE, group_name="graph", deps=["sales", "catalog", "experiments"], required_resource_keys={"spark", "warehouse"})
 def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig) -> dg.MaterializeResult:
     """Edges (src, dst, weight, corr, n_days, evidence) between substitutes, and the evidence and
     power of each block (`substitution_blocks`), one dated snapshot per build. Every accepted

@@ -10,6 +10,7 @@ import dagster as dg
 from pyspark.sql import functions as F
 
 from assets.checks import gx_check_result, refused_rows_result, run_metadata
+from assets.kinds import DELTA_TABLE
 from pipelines import experiments as experiment_files
 from pipelines import inputs, quality
 
@@ -33,6 +34,7 @@ def _log_refusals(context, name: str, counts: dict, examples: list, refused_file
 
 @dg.asset(
     group_name="inputs",
+    kinds=DELTA_TABLE,
     required_resource_keys={"spark", "warehouse"},
     check_specs=[
         dg.AssetCheckSpec(CATALOG_CONTRACT, asset="catalog", blocking=True, description="GX: keys present and unique"),
@@ -93,6 +95,7 @@ def load_checked_sales(context, asset: str) -> tuple[inputs.LoadedInput, list[dg
 
 @dg.asset(
     group_name="inputs",
+    kinds=DELTA_TABLE,
     deps=[catalog],
     required_resource_keys={"spark", "warehouse"},
     check_specs=sales_check_specs("sales"),
@@ -120,7 +123,7 @@ def sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(group_name="inputs", required_resource_keys={"spark", "warehouse"})
+@dg.asset(kinds=DELTA_TABLE, group_name="inputs", required_resource_keys={"spark", "warehouse"})
 def trigger_events(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Dated outside events (e.g. a competitor's discount) that start triggered experiments."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
@@ -138,6 +141,7 @@ def trigger_events(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 
 @dg.asset(
     group_name="inputs",
+    kinds=DELTA_TABLE,
     deps=[catalog],
     required_resource_keys={"spark", "warehouse"},
     check_specs=[
@@ -205,10 +209,9 @@ def read_registry(warehouse):
     """The enrolled experiments (one row each: spec, owning file, fingerprint), or None."""
     import pandas as pd
 
-    names = warehouse.partitions(experiment_files.REGISTRY_TABLE, "experiment")
-    if not names:
+    from pyspark.sql import SparkSession
+
+    if not warehouse.partitions(experiment_files.REGISTRY_TABLE, "experiment"):
         return None
-    return pd.concat(
-        [pd.read_parquet(warehouse.path(experiment_files.REGISTRY_TABLE, ("experiment", n))) for n in names],
-        ignore_index=True,
-    )
+    frame = warehouse.read(SparkSession.getActiveSession(), experiment_files.REGISTRY_TABLE).toPandas()
+    return frame.drop(columns="experiment").sort_values("name").reset_index(drop=True)

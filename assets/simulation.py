@@ -12,6 +12,7 @@ import os
 import dagster as dg
 from pyspark.sql import functions as F
 
+from assets.kinds import DELTA_TABLE
 from pipelines import report, simulation
 
 SIMULATED_PREFIX = "simulated-"
@@ -51,7 +52,7 @@ def simulated_sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(group_name="demo_simulator", deps=["daily_assignments"], required_resource_keys={"spark", "warehouse"})
+@dg.asset(kinds=DELTA_TABLE, group_name="demo_simulator", deps=["daily_assignments"], required_resource_keys={"spark", "warehouse"})
 def simulator_truth(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """The true direct, global and spillover effects of each experiment as published."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()

@@ -6,12 +6,12 @@ dividing C every cluster lies inside one subclass, as clusters of substitutes do
 `competitor_discount` event for every third product on one of the experiment's first 20 days.
 Inputs are written to Parquet in a temporary warehouse first, and read back from there.
 
-For each unit (product, cluster) the enrolment is computed once and frozen to Parquet, as the
+For each unit (product, cluster) the enrolment is computed once and frozen (a Delta table), as the
 `daily_assignments` asset does at an experiment's first publication (its time is shown apart).
 Then, per design, the timed step is what the daily run does for one day: `assign_days` on the
 frozen enrolment (and the trigger events) for day 21 of a 42-day experiment (a crossover
-blackout day of the second phase), published with `Warehouse.write_partitions` (Parquet, moved
-into place atomically: the asset's own write) or, with `--sink noop`, Spark's `noop` sink (the
+blackout day of the second phase), published with `Warehouse.write_partitions` (one Delta commit:
+the asset's own write) or, with `--sink noop`, Spark's `noop` sink (the
 whole computation without the write). One warm-up run (the first design, not counted) loads the
 JVM's code paths; its time is printed apart. The asset's checks and picture are not included.
 
@@ -96,7 +96,7 @@ def publish_one_day(spark, warehouse: Warehouse, design: str, unit: str, sink: s
     """Compute (and publish, unless sink is noop) BENCHMARK_DAY of `design`; (seconds, rows)."""
     units = warehouse.read(spark, "enrolments", ("unit", unit)).drop("unit")
     events = warehouse.read(spark, "trigger_events")
-    shutil.rmtree(warehouse.path("daily_assignments"), ignore_errors=True)
+    warehouse.drop("daily_assignments")  # a day is published once: start each timed run afresh
     began = time.perf_counter()
     rows = assign_days(experiment(design, unit), units, [BENCHMARK_DAY], events)
     if sink == "noop":
@@ -148,7 +148,7 @@ def main() -> None:
                 print(lines[-1], flush=True)
         print()
         print("\n".join(lines))
-        step = "Parquet publication" if args.sink == "parquet" else "noop sink (no write)"
+        step = "Delta publication" if args.sink == "parquet" else "noop sink (no write)"
         print(f"seconds: one day's assign_days + {step}; enrol s: the experiment's enrolment, once per "
               "experiment (frozen at its first publication), not per day.")
     finally:

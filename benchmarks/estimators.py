@@ -29,7 +29,6 @@ call); before the run the twin is checked row for row against the Spark function
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -47,10 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import peers  # noqa: E402
 from benchmarks.replications import run_replications  # noqa: E402
-from pipelines import estimation, simulation  # noqa: E402
+from pipelines import assignment, estimation, simulation  # noqa: E402
 from pipelines.experiments import ExperimentSpec  # noqa: E402
 
-HASH_HEX_DIGITS, HASH_SCALE = 13, float(16**13)
 DESIGNS = (  # (label, design, category index, unit, extra spec fields)
     ("time_bound", "time_bound", 0, "product", {}),
     ("triggered", "triggered", 1, "product", {"trigger_event": simulation.TRIGGER_EVENT, "duration_days": 21}),
@@ -83,20 +81,10 @@ def true_clusters(world: simulation.MarketWorld) -> pd.DataFrame:
 # Assignments: pandas twin of pipelines.assignment (product units), checked against Spark
 # ------------------------------------------------------------------------------------------------
 
-def _uniform(*parts) -> float:
-    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()
-    return int(digest[:HASH_HEX_DIGITS], 16) / HASH_SCALE
-
-
 def _first_group(spec: ExperimentSpec, units: pd.DataFrame, period: str) -> np.ndarray:
-    """Balanced stratified draw for one period: True for the first n_t units of each stratum."""
-    u = np.array([_uniform(spec.name, spec.seed, unit, period) for unit in units["unit_id"]])
-    frame = units.assign(u=u).sort_values(["stratum", "u", "unit_id"])
-    rank = frame.groupby("stratum").cumcount() + 1
-    n_units = frame.groupby("stratum")["unit_id"].transform("size")
-    quota = {s: _uniform(spec.name, spec.seed, s, period, "quota") for s in frame["stratum"].unique()}
-    limit = np.floor(n_units * spec.treated_fraction + frame["stratum"].map(quota))
-    return (rank <= limit).reindex(units.index).to_numpy()
+    """Balanced stratified draw for one period (`assignment.first_group_draws`, the rule's one home)."""
+    return assignment.first_group_draws(spec.name, [spec.seed], units["unit_id"].to_numpy(), units["stratum"].to_numpy(),
+                                        period, spec.treated_fraction)[0]
 
 
 def pandas_assignments(spec: ExperimentSpec, catalog: pd.DataFrame, triggers: pd.DataFrame,

@@ -12,7 +12,7 @@ from jobs.resources import default_resources
 from jobs.sensors import experiment_files_sensor
 
 # What each asset runs on and is stored as, shown as `kinds` in the UI (one place for all).
-TABLE_FORMAT = "parquet"
+TABLE_FORMAT = "delta"  # as assets.kinds.DELTA_TABLE says on the tables the warehouse stores
 ASSET_KINDS = {
     "catalog": {"spark", TABLE_FORMAT},
     "sales": {"spark", TABLE_FORMAT, "great_expectations"},

@@ -1,7 +1,9 @@
 """Daily assignments for the four designs: deterministic, stateless, Spark DataFrame code.
 
 A unit's arm is a pure function of (experiment name, seed, unit, period) through a stable hash
-that any machine reproduces (`stable_uniform` is the same hash in pure Python):
+that any machine reproduces (`stable_uniform` is the same hash in pure Python, and
+`first_group_draws` the same draw in numpy, for spillover redraws, the design advisor and the
+benchmarks: this module is the rule's one home):
 
     u = conv(substr(sha2(concat_ws('|', name, seed, unit_id, period), 256), 1, 13), 16, 10) / 16**13
 
@@ -25,6 +27,7 @@ import hashlib
 import io
 from datetime import date, datetime, timedelta
 
+import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -63,6 +66,47 @@ def stable_uniform(*parts) -> float:
     key = "|".join(str(p) for p in parts)
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
     return int(digest[:HASH_HEX_DIGITS], 16) / HASH_SCALE
+
+
+_UNIFORM_CACHE: dict = {}  # (name, seed, period, units key) -> hashed uniforms; redraws repeat across calls
+
+
+def _unit_uniforms(name: str, seed, unit_ids: np.ndarray, period: str) -> np.ndarray:
+    key = (name, str(seed), period, hash(tuple(unit_ids)))
+    row = _UNIFORM_CACHE.get(key)
+    if row is None:
+        if len(_UNIFORM_CACHE) > 20_000:
+            _UNIFORM_CACHE.clear()
+        row = np.array([stable_uniform(name, seed, unit, period) for unit in unit_ids])
+        _UNIFORM_CACHE[key] = row
+    return row
+
+
+def first_group_draws(name: str, seeds, unit_ids, strata, period: str, treated_fraction: float) -> np.ndarray:
+    """The balanced stratified draw in numpy: bool matrix (seeds x units), True = first group.
+
+    The rule of `_balanced_first_group` (the module docstring) for any `seeds` (the published
+    one, or the redraws of `pipelines.spillover`), in the order of `unit_ids` (one row per
+    unit, with its stratum): inside each stratum the units with the smallest u (ties: unit_id)
+    are the first group, up to floor(n * treated_fraction + v). Tests check it against Spark.
+    """
+    unit_ids = np.asarray(unit_ids, dtype=object).astype(str)
+    strata = np.asarray(strata, dtype=object).astype(str)
+    order = np.lexsort((unit_ids, strata))  # by stratum, then unit_id
+    ids, groups = unit_ids[order], strata[order]
+    seeds = list(seeds)
+    first = np.zeros((len(seeds), len(ids)), dtype=bool)
+    u = np.array([_unit_uniforms(name, s, ids, period) for s in seeds]).reshape(len(seeds), len(ids))
+    bounds = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1], True])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        v = np.array([stable_uniform(name, s, groups[lo], period, QUOTA_TAG) for s in seeds])
+        quota = np.floor((hi - lo) * float(treated_fraction) + v)
+        # ids are sorted inside the stratum, so a stable sort on u breaks ties by unit_id
+        rank = np.argsort(np.argsort(u[:, lo:hi], axis=1, kind="stable"), axis=1, kind="stable")
+        first[:, lo:hi] = rank < quota[:, None]
+    out = np.empty_like(first)
+    out[:, order] = first
+    return out
 
 
 def hash_uniform(*parts) -> F.Column:

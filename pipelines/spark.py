@@ -5,8 +5,11 @@
 starts an embedded Connect server, which the tests use to prove the Connect path). Both the
 Dagster resource and the tests call `get_spark`, so code runs the same way everywhere.
 
-Extra JVM jars (GraphFrames, fetched by `make setup` into ./jars) are passed in as local paths and
-set as `spark.jars`: nothing is downloaded when a session starts.
+Extra JVM jars (GraphFrames and Delta Lake, fetched by `make setup` into ./jars) are passed in as
+local paths (default: the project's ./jars) and set as `spark.jars`: nothing is downloaded when a
+session starts. When Delta's jar is among them, the session gets Delta's SQL extension and catalog
+(`DELTA_SETTINGS`); on a cluster that resolves packages itself, give
+`spark.jars.packages=io.delta:delta-spark_4.1_2.13:4.3.0` in `conf` and the same settings apply.
 """
 from __future__ import annotations
 
@@ -39,6 +42,20 @@ LOCAL_SIZING = {
 }
 
 LOCAL_DEFAULTS = {**EVERYWHERE, **LOCAL_SIZING}
+
+# Delta Lake in a session: its SQL extension (CONVERT TO DELTA, DESCRIBE HISTORY, time travel)
+# and its catalog. Set on every master when Delta's jar is on the classpath (`delta_requested`).
+DELTA_SETTINGS = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+}
+# ... and on `local[*]`: Delta rebuilds a table's state from its log with this many tasks
+# (default 50: slow on 2 cores with small tables)
+DELTA_LOCAL_SETTINGS = {"spark.databricks.delta.snapshotPartitions": "2"}
+DELTA_PACKAGE = "io.delta:delta-spark_4.1_2.13:4.3.0"  # jvm/delta/pom.xml pins the same version
+
+# Where `make setup` copies the jars pinned in jvm/pom.xml and jvm/delta/pom.xml.
+PROJECT_JARS_DIR = Path(__file__).resolve().parents[1] / "jars"
 
 
 # Settings a running session (classic or Connect) accepts through `spark.conf.set`.
@@ -104,12 +121,24 @@ def jar_files(directory: str | Path | None) -> list[str]:
 
 def session_settings(master: str, jars: list[str] | None = None, conf: dict[str, str] | None = None) -> dict[str, str]:
     """What a classic session on `master` is built with: EVERYWHERE on every master, LOCAL_SIZING
-    on `local[...]` only, the jars, then `conf` (which wins)."""
-    settings = dict(LOCAL_DEFAULTS) if master.startswith("local") else dict(EVERYWHERE)
+    on `local[...]` only, the jars, Delta's settings when its jar is there, then `conf` (which wins)."""
+    local = master.startswith("local")
+    settings = dict(LOCAL_DEFAULTS) if local else dict(EVERYWHERE)
     if jars:
         settings["spark.jars"] = ",".join(jars)
+    if delta_requested(jars or [], conf):
+        settings.update(DELTA_SETTINGS)
+        if local:
+            settings.update(DELTA_LOCAL_SETTINGS)
     settings.update(conf or {})
     return settings
+
+
+def delta_requested(jars: list[str], conf: dict[str, str] | None) -> bool:
+    """True when Delta's JVM code will be on the classpath: its jar is among `jars`, or `conf`
+    asks the cluster to resolve the package (`spark.jars.packages`)."""
+    packages = (conf or {}).get("spark.jars.packages", "")
+    return any(Path(j).name.startswith("delta-spark_") for j in jars) or "io.delta:delta-spark" in packages
 
 
 def get_spark(
@@ -123,8 +152,11 @@ def get_spark(
 
     `remote` (a Spark Connect URL) wins over `master`. Unset arguments fall back to the
     environment variables above, then to an embedded `local[*]` session. `jars`: local jar paths
-    for `spark.jars` on a classic session (a Connect server has its own classpath: ignored there).
+    for `spark.jars` on a classic session (a Connect server has its own classpath: ignored there);
+    None means the project's ./jars, [] none.
     """
+    if jars is None:
+        jars = jar_files(PROJECT_JARS_DIR)
     # Python workers (pandas UDFs) must use this interpreter, with its packages.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     remote = remote or os.environ.get("PRICELAB_SPARK_REMOTE") or None

@@ -78,7 +78,6 @@ zero. After cluster randomisation most of the remaining spillover runs through s
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -86,15 +85,12 @@ import pandas as pd
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
+from pipelines import assignment
 from pipelines.experiments import ExperimentSpec
 
 CONDITIONS = ("treated_mostly_treated", "treated_few_treated", "control_some_treated", "control_none_treated")
 TMT, TFT, CST, CNT = range(4)
 DRAWN_ONCE_DESIGNS = ("time_bound", "triggered")
-PERIOD_WHOLE_EXPERIMENT = "experiment"  # as in pipelines.assignment
-QUOTA_TAG = "quota"
-HASH_HEX_DIGITS = 13
-HASH_SCALE = float(16**HASH_HEX_DIGITS)
 Z_95 = 1.959963984540054
 
 
@@ -200,11 +196,6 @@ def _check_columns(frame: pd.DataFrame, needed: Sequence[str], name: str) -> Non
 # Redrawing the design
 # ----------------------------------------------------------------------------------------------
 
-def _uniform(*parts) -> float:
-    digest = hashlib.sha256("|".join(str(p) for p in parts).encode("utf-8")).hexdigest()
-    return int(digest[:HASH_HEX_DIGITS], 16) / HASH_SCALE
-
-
 REDRAW_SEED_STREAM = 7_654_321
 
 
@@ -213,20 +204,6 @@ def redraw_seeds(spec: ExperimentSpec, n_redraws: int) -> np.ndarray:
     (the design's distribution does not depend on the seed used), without the experiment's own."""
     seeds = np.random.default_rng(REDRAW_SEED_STREAM).choice(2**31 - 1, size=n_redraws + 1, replace=False)
     return seeds[seeds != spec.seed][:n_redraws]
-
-
-_UNIFORM_ROWS: dict = {}  # (name, seed, units key) -> hashed uniforms; redraws repeat across calls
-
-
-def _unit_uniforms(name: str, seed, unit_ids: np.ndarray, units_key: int) -> np.ndarray:
-    key = (name, str(seed), units_key)
-    row = _UNIFORM_ROWS.get(key)
-    if row is None:
-        if len(_UNIFORM_ROWS) > 20_000:
-            _UNIFORM_ROWS.clear()
-        row = np.array([_uniform(name, seed, unit, PERIOD_WHOLE_EXPERIMENT) for unit in unit_ids])
-        _UNIFORM_ROWS[key] = row
-    return row
 
 
 def distinct_units(units: pd.DataFrame) -> pd.DataFrame:
@@ -243,9 +220,7 @@ def draw_arms(spec: ExperimentSpec, units: pd.DataFrame, seeds: Sequence[int]) -
 
     `units`: unit_id, stratum (e.g. `enrolment_units` output; products of a unit may repeat).
     Returns (unit table from `distinct_units`, bool matrix seeds x units, True = treatment).
-    Same hash and balancing rule as `pipelines.assignment` (its module docstring), with `seed`
-    replaced: inside each stratum the units with the smallest u (ties: unit_id) are treated, up
-    to floor(n * treated_fraction + v).
+    The draw is `assignment.first_group_draws` (the rule's one home) with `seed` replaced.
     """
     if spec.design not in DRAWN_ONCE_DESIGNS:
         raise ValueError(
@@ -253,19 +228,8 @@ def draw_arms(spec: ExperimentSpec, units: pd.DataFrame, seeds: Sequence[int]) -
             f"not {spec.design!r}"
         )
     table = distinct_units(units)
-    unit_ids, strata = table["unit_id"].to_numpy(), table["stratum"].to_numpy()
-    fraction = float(spec.treated_fraction)
-    treated = np.zeros((len(seeds), len(table)), dtype=bool)
-    bounds = np.flatnonzero(np.r_[True, strata[1:] != strata[:-1], True])
-    units_key = hash(tuple(unit_ids))
-    u = np.array([_unit_uniforms(spec.name, s, unit_ids, units_key) for s in seeds]).reshape(len(seeds), len(table))
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        stratum = strata[lo]
-        v = np.array([_uniform(spec.name, s, stratum, PERIOD_WHOLE_EXPERIMENT, QUOTA_TAG) for s in seeds])
-        quota = np.floor((hi - lo) * fraction + v)
-        # units are sorted by unit_id inside the stratum, so a stable sort on u breaks ties by unit_id
-        rank = np.argsort(np.argsort(u[:, lo:hi], axis=1, kind="stable"), axis=1, kind="stable")
-        treated[:, lo:hi] = rank < quota[:, None]
+    treated = assignment.first_group_draws(spec.name, seeds, table["unit_id"].to_numpy(), table["stratum"].to_numpy(),
+                                           assignment.PERIOD_WHOLE_EXPERIMENT, spec.treated_fraction)
     return table, treated
 
 

@@ -19,6 +19,7 @@ from pipelines.assignment import (
     assign_experiments,
     assignment_calendar_png,
     enrolment_units,
+    first_group_draws,
     hash_uniform,
     stable_uniform,
 )
@@ -388,3 +389,23 @@ def test_same_rows_in_another_process_and_in_reverse_day_order(tmp_path, spark, 
     expected_rows = {s.name: 200 for s in specs} | {"triggered-product": 3, "triggered-cluster": 15}
     assert here.groupby("experiment").size().to_dict() == expected_rows
     pd.testing.assert_frame_equal(here, there, check_exact=True)
+
+
+def test_the_numpy_draw_is_the_published_one_for_every_period(spark, catalog, catalog_pd):
+    """`first_group_draws` (spillover redraws, the advisor and the benchmarks use it) gives the
+    arms `assign_days` publishes: per day for random days, per sequence for a crossover, once
+    for a time-bound design; in any order of the units."""
+    shuffled = catalog_pd.sample(frac=1.0, random_state=3)
+    for design, extra in (("random_days", {}), ("crossover", {"phase_days": 2}), ("time_bound", {})):
+        s = spec(design=design, treated_fraction=0.3, **extra)
+        published = assign_days(s, enrolment_units(s, catalog, None), days(START, 4)).toPandas()
+        for day, rows in published.groupby("date"):
+            period = {"random_days": pd.Timestamp(day).date().isoformat(), "crossover": "sequence",
+                      "time_bound": "experiment"}[design]
+            first = first_group_draws(s.name, [s.seed], shuffled["product_id"], shuffled["subclass"], period, 0.3)[0]
+            drawn = pd.Series(first, index=shuffled["product_id"].to_numpy())
+            treated = rows.set_index("product_id")["arm"].eq("treatment")
+            if design == "crossover":  # sequence A (the first group) is treated in even phases
+                even_phase = ((pd.Timestamp(day).date() - START).days // 2) % 2 == 0
+                treated = treated == even_phase
+            assert (drawn.reindex(treated.index) == treated).all(), (design, day)

@@ -4,7 +4,8 @@ message fragment the user must read, and what must stay unchanged (checked by ch
 Layers, cheapest first:
 - `experiment`: files in `input/experiments/` through `load_experiment_directory` (pure Python);
 - `sales`, `catalog`, `trigger_events`: files under `input/` through `pipelines.inputs` (Spark);
-- `storage`: faults of the warehouse (kills between renames, dead writers' leftovers, locks);
+- `storage`: faults of the warehouse (Delta tables: kills before and during a commit, locks, a
+  second publish of a day);
 - `asset`: `dagster.materialize` of the input and publishing assets on a tiny market, where the
   checksum covers every published day and enrolment file byte for byte.
 Every message must be one line, bounded, and name the file, field or row.
@@ -27,7 +28,7 @@ import pytest
 
 from pipelines import experiments as ex
 from pipelines import inputs
-from pipelines.storage import Warehouse, WarehouseLockedError
+from pipelines.storage import Warehouse, WarehouseLockedError, WriteConflictError
 
 MAX_MESSAGE_CHARS = 600
 
@@ -265,22 +266,24 @@ OTHER_INPUT_CASES = [
 ]
 
 
-def interrupted_swap(root: Path) -> None:
-    """A kill between `_swap_into_place`'s two renames: the table's name is empty, its old copy aside."""
-    table = root / "warehouse" / "sales_copy"
-    table.rename(table.with_name(f".sales_copy.old-999999-deadbeef"))
+def killed_before_commit(root: Path) -> None:
+    """A writer killed after writing its data files, before its commit: files nobody committed."""
+    sales_frame().tail(5).to_parquet(root / "warehouse" / "sales_copy" / "part-00000-killed-writer.snappy.parquet", index=False)
 
 
-def dead_writer_leftover(root: Path) -> None:
-    (root / "warehouse" / ".sales_copy.tmp-999999-deadbeef").mkdir()
-    (root / "warehouse" / ".sales_copy.tmp-999999-deadbeef" / "part-0.parquet").write_bytes(b"half")
+def killed_mid_commit(root: Path) -> None:
+    """A writer killed while writing its commit: Delta writes it to a temporary file first (renamed
+    into place without overwrite), so a half-written commit is a hidden temporary, never a version."""
+    log = root / "warehouse" / "sales_copy" / "_delta_log"
+    (log / ".00000000000000000001.json.0f5e-killed.tmp").write_text('{"add":{"path":"part-00000-killed-writer.snappy.parq')
 
 
 STORAGE_CASES = [
-    Case("kill-between-swap-renames", "storage", interrupted_swap, "read: intact", "table content"),
-    Case("kill-mid-write-leaves-tmp", "storage", dead_writer_leftover, "write: no leftovers", "table content"),
+    Case("kill-before-commit-leaves-orphan-files", "storage", killed_before_commit, "read: intact", "table content"),
+    Case("kill-mid-commit-leaves-temporary-log-file", "storage", killed_mid_commit, "write: committed", "table content"),
     Case("concurrent-writer-holds-lock", "storage", lambda root: None, "is being written by pid", "table content"),
     Case("read-of-unwritten-table", "storage", lambda root: None, "warehouse table 'never_written' has not been written yet", "table content"),
+    Case("second-publish-of-a-day", "storage", lambda root: None, "date=2026-01-05 is already published", "table content (and the published day)"),
 ]
 
 
@@ -441,16 +444,23 @@ def test_storage_case(case, spark, tmp_path):
     before = frame_checksum(warehouse.read(spark, "sales_copy").toPandas())
     case.breaks(tmp_path)
     messages = []
-    if case.name == "kill-between-swap-renames":
-        assert warehouse.exists("sales_copy")
+    if case.name == "kill-before-commit-leaves-orphan-files":
+        assert frame_checksum(warehouse.read(spark, "sales_copy").toPandas()) == before  # the orphan files are not the table
         messages.append("read: intact")
-    elif case.name == "kill-mid-write-leaves-tmp":
-        warehouse.write(table, "other_table")  # a write elsewhere leaves sales_copy's leftover alone
-        assert (tmp_path / "warehouse" / ".sales_copy.tmp-999999-deadbeef").exists()
-        warehouse.write(table, "sales_copy")
-        hidden = [p.name for p in (tmp_path / "warehouse").iterdir() if p.name.startswith(".") and p.name != ".locks"]
-        assert hidden == [], hidden
-        messages.append("write: no leftovers")
+    elif case.name == "kill-mid-commit-leaves-temporary-log-file":
+        assert frame_checksum(warehouse.read(spark, "sales_copy").toPandas()) == before
+        warehouse.write(table, "sales_copy")  # the rerun commits version 1 beside the killed temporary
+        assert warehouse.history("sales_copy")["version"].tolist() == [0, 1]
+        messages.append("write: committed")
+    elif case.name == "second-publish-of-a-day":
+        day = pd.DataFrame({"date": [START], "experiment": ["e"], "product_id": ["k1-0"], "arm": ["control"]})
+        warehouse.write(day, "daily_assignments", ("date", START.isoformat()))
+        published = frame_checksum(warehouse.read(spark, "daily_assignments").toPandas())
+        with pytest.raises(WriteConflictError) as raised:
+            warehouse.write(day.assign(arm="treatment"), "daily_assignments", ("date", START.isoformat()))
+        messages.append(str(raised.value))
+        assert frame_checksum(warehouse.read(spark, "daily_assignments").toPandas()) == published
+        assert warehouse.audit_published(spark, "daily_assignments") == []
     elif case.name == "concurrent-writer-holds-lock":
         with warehouse.lock("sales_copy"):
             with pytest.raises(WarehouseLockedError) as raised:
@@ -468,27 +478,25 @@ def test_storage_case(case, spark, tmp_path):
 
 
 def test_a_kill_at_every_write_step_leaves_a_whole_table(spark, tmp_path):
-    """Simulate a kill after each step of a table replacement; the next reader sees the old table
-    or the new one, never none, and a rerun gives byte-identical content."""
+    """A Delta write has three steps: data files written, commit written to a temporary file,
+    commit renamed into place (without overwrite: the atomic step). A kill after either of the
+    first two leaves the old table; after the third the new one; never a mix. The rerun gives the
+    same rows bit for bit."""
     warehouse = Warehouse(tmp_path)
     old, new = sales_frame().head(10), sales_frame().tail(10)
     warehouse.write(old, "t")
-    first_bytes = files_checksum(tmp_path, "t")
-    final = warehouse.path("t")
-    for step in ("tmp written", "old moved aside", "new moved in"):
-        tmp = final.with_name(f".t.tmp-999999-{step[:3]}")  # the killed writer's (its pid is gone)
-        tmp.mkdir()
-        new.to_parquet(tmp / "part-00000.parquet", index=False)
-        if step in ("old moved aside", "new moved in"):
-            final.rename(final.with_name(f".t.old-999999-{step[:3]}"))
-        if step == "new moved in":
-            tmp.rename(final)
-        # ... killed here; the next process reads
-        got = frame_checksum(warehouse.read(spark, "t").toPandas())
-        assert got in (frame_checksum(old), frame_checksum(new)), step
-        warehouse.write(old, "t")  # the rerun
-        assert files_checksum(tmp_path, "t") == first_bytes  # byte-identical rerun
-        assert sorted(p.name for p in (tmp_path / "warehouse").iterdir()) in (["t"], [".locks", "t"])
+    log = warehouse.path("t") / "_delta_log"
+    new.to_parquet(warehouse.path("t") / "part-00000-killed.snappy.parquet", index=False)  # step 1, then killed
+    assert frame_checksum(warehouse.read(spark, "t").toPandas()) == frame_checksum(old)
+    (log / ".00000000000000000001.json.killed.tmp").write_text('{"add":{"path":"part-00000-killed.snappy.parquet"')  # step 2
+    assert frame_checksum(warehouse.read(spark, "t").toPandas()) == frame_checksum(old)
+    warehouse.write(new, "t")  # the rerun, through step 3
+    once = frame_checksum(warehouse.read(spark, "t").toPandas())
+    assert once == frame_checksum(new)
+    warehouse.write(new, "t")  # and again: the same rows, bit for bit (floats compared by their exact repr)
+    assert frame_checksum(warehouse.read(spark, "t").toPandas()) == once
+    assert warehouse.history("t")["version"].tolist() == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "warehouse").iterdir()) in (["t"], [".locks", "t"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,8 +624,7 @@ def test_asset_case(case, spark, published_market, tmp_path):
         enrolled = warehouse.read(spark, "enrolments", ("experiment", "tb-kitchen")).toPandas()
         assert set(enrolled["product_id"].str[:2]) == {"k1"}  # the edit applied
     elif case.name == "split-unit-blocked-before-write":
-        enrolment = warehouse.path("enrolments", ("experiment", "tb-kitchen"))
-        units = pd.read_parquet(enrolment)
+        units = warehouse.read(spark, "enrolments", ("experiment", "tb-kitchen")).drop("experiment").toPandas()
         forged = pd.concat([units, units.head(1).assign(unit_id="intruder")], ignore_index=True)
         warehouse.write(forged, "enrolments", ("experiment", "tb-kitchen"))
         result = _publish(root, "2026-01-07")
@@ -631,6 +638,8 @@ def test_asset_case(case, spark, published_market, tmp_path):
         messages += [f"quarantine/trigger_events: {r.reason}" for r in quarantined.itertuples()]
     check_messages([m for m in messages if m], case.expect)
     assert files_checksum(root, *days) == before
+    if warehouse.exists("daily_assignments"):  # and Delta's history shows every published day as first committed
+        assert warehouse.audit_published(spark, "daily_assignments") == []
 
 
 def test_first_differences_rerun_bit_for_bit_whatever_spark_row_order(spark):

@@ -193,12 +193,14 @@ def test_a_new_user_runs_2025_data_end_to_end(tmp_path):
     run_log = [e.user_message for e in instance.all_logs(graph_run.run_id) if e.user_message]
     assert any("substitution graph: 2/2 snapshot(s) done (100%)" in m for m in run_log)
     # the cluster experiment starting before the last sales day got a snapshot in force at its start
-    clusters = root / "warehouse" / "product_clusters"
-    assert sorted(p.name for p in clusters.iterdir() if p.name.startswith("snapshot_date=")) == [
-        "snapshot_date=2025-06-02", "snapshot_date=2025-07-01"]
-    days = sorted(p.name for p in (root / "warehouse" / "daily_assignments").iterdir() if p.name.startswith("date="))
-    assert days[0] == "date=2025-06-02" and days[-1] == "date=2025-06-29" and len(days) == 28
-    results = pd.read_parquet(root / "warehouse" / "experiment_results")
+    from pipelines.spark import get_spark
+    from pipelines.storage import Warehouse
+
+    warehouse, spark = Warehouse(root), get_spark()
+    assert warehouse.partitions("product_clusters", "snapshot_date") == ["2025-06-02", "2025-07-01"]
+    days = warehouse.partitions("daily_assignments", "date")
+    assert days[0] == "2025-06-02" and days[-1] == "2025-06-29" and len(days) == 28
+    results = warehouse.read(spark, "experiment_results").toPandas()
     assert sorted(set(results["experiment"])) == ["garden-cut", "kitchen-cut"]
     assert results["effect"].notna().all() and (results["n_products"] == 12).all()
     # an ended experiment whose file is gone can be retired, and only then
@@ -228,5 +230,7 @@ def test_a_cluster_experiment_without_a_snapshot_is_not_a_silent_success(tmp_pat
     assert "check daily_assignments:experiments_published failed (WARN)" in out.stdout
     assert "not_published: kitchen-cut: no product_clusters snapshot dated on or before its start 2025-06-02" in out.stdout
     assert out.stdout.strip().endswith("pricelab: done, with refusals (exit 3)")
-    published = pd.read_parquet(root / "warehouse" / "daily_assignments" / "date=2025-06-09")
+    from pipelines.spark import get_spark
+
+    published = warehouse.read(get_spark(), "daily_assignments", ("date", "2025-06-09")).toPandas()
     assert set(published["experiment"]) == {"garden-cut"}

@@ -100,7 +100,10 @@ def prepared_market(root: Path) -> Path:
 
 
 def _published(root: Path) -> pd.DataFrame:
-    frame = pd.read_parquet(root / "warehouse" / "daily_assignments")
+    from pipelines.spark import get_spark
+    from pipelines.storage import Warehouse
+
+    frame = Warehouse(root).read(get_spark(), "daily_assignments").toPandas()
     frame["date"] = frame["date"].astype(str)
     return frame.sort_values(["date", "experiment", "product_id"]).reset_index(drop=True)
 
@@ -108,6 +111,8 @@ def _published(root: Path) -> pd.DataFrame:
 @pytest.mark.slow
 def test_publishing_on_a_standalone_cluster_equals_the_local_run(standalone_master, spark, tmp_path):
     import dagster as dg
+
+    from pipelines.storage import Warehouse
 
     from assets.assignments import daily_assignments
     from jobs.resources import SparkResource, WarehouseResource
@@ -136,6 +141,6 @@ def test_publishing_on_a_standalone_cluster_equals_the_local_run(standalone_mast
     a, b = _published(local), _published(cluster)
     assert len(a) == 2 * 21 * 12 and a.equals(b)  # two 21-day experiments of 12 products
     for name in ("kitchen-cut", "garden-cut"):
-        pa = pd.read_parquet(local / "warehouse" / "enrolments" / f"experiment={name}").sort_values("product_id").reset_index(drop=True)
-        pb = pd.read_parquet(cluster / "warehouse" / "enrolments" / f"experiment={name}").sort_values("product_id").reset_index(drop=True)
+        pa, pb = (Warehouse(r).read(spark, "enrolments", ("experiment", name)).toPandas()
+                  .sort_values("product_id").reset_index(drop=True) for r in (local, cluster))
         assert pa.equals(pb)

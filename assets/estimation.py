@@ -6,10 +6,12 @@ import dagster as dg
 import pandas as pd
 from pyspark.sql import functions as F
 
+from assets.checks import run_metadata
 from assets.kinds import DELTA_TABLE
 from assets.inputs import load_checked_sales, sales_check_specs
 from assets.mode import demo_mode
 from pipelines import estimation, graph, spillover
+from pipelines.progress import Progress, spark_progress
 from pipelines import experiments as experiment_files
 
 PRE_DAYS = estimation.CounterfactualSettings().pre_days
@@ -34,7 +36,8 @@ def experiment_sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         F.count("*").alias("rows"), F.countDistinct("product_id").alias("products"), F.max("date").alias("last_day")
     ).first()
     return dg.MaterializeResult(
-        metadata={"rows": stats["rows"], "products": stats["products"], "last_day": str(stats["last_day"]), "refused_rows": refused},
+        metadata={"rows": stats["rows"], "products": stats["products"], "last_day": str(stats["last_day"]), "refused_rows": refused,
+                  **run_metadata(spark, stats["rows"])},
         check_results=checks,
     )
 
@@ -76,6 +79,7 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
             "products_per_experiment": dg.MetadataValue.json(per_experiment.set_index("experiment").to_dict(orient="index")),
             "counterfactual_chosen": dg.MetadataValue.json(counterfactuals),  # products per back-test winner
             "note": "products enrolled but without a first difference lack pre-period history or window days",
+            **run_metadata(spark, stored.count()),
         }
     )
 
@@ -147,8 +151,19 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     catalog = warehouse.read(spark, "catalog").toPandas()
     as_of = warehouse.read(spark, "experiment_sales").agg(F.max("date")).first()[0]
     models: dict = {}
-    results, problems = estimation.estimate_experiments(fd, specs, as_of, features=catalog, models=models,
-                                                        clusters=_clusters_in_force(context, specs))
+    clusters = _clusters_in_force(context, specs)
+    # one experiment at a time (each fit is independent, same random_state: the same numbers as
+    # all at once), so the run log says how far it is and how long is left
+    progress = Progress("experiment_results", len(specs), "experiment(s)", context.log.info)
+    parts, problems = [], {}
+    for i in range(len(specs)):
+        part, part_problems = estimation.estimate_experiments(fd, specs.iloc[[i]], as_of, features=catalog,
+                                                              models=models, clusters=clusters)
+        parts.append(part)
+        problems.update(part_problems)
+        progress.step(str(specs["name"].iloc[i]))
+    filled = [p for p in parts if not p.empty]
+    results = pd.concat(filled, ignore_index=True) if filled else pd.DataFrame(columns=estimation.RESULT_COLUMNS)
     for name, why in problems.items():
         context.log.warning(f"experiment '{name}' not estimated: {why}")
     exposure, spillover_notes = _add_spillover(context, results, fd, specs)
@@ -185,5 +200,6 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
                 )
             ),
             "spillover": dg.MetadataValue.json(spillover_notes),
+            **run_metadata(spark, len(results)),
         }
     )

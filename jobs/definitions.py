@@ -11,15 +11,42 @@ from assets.mode import demo_mode
 from jobs.resources import default_resources
 from jobs.sensors import experiment_files_sensor
 
-INPUT_AND_GRAPH_ASSETS = dg.load_assets_from_modules([inputs, graph, clustering])
-ASSIGNMENT_ASSETS = dg.load_assets_from_modules([assignments])
-RESULT_ASSETS = dg.load_assets_from_modules([estimation, report])
-ADVICE_ASSETS = dg.load_assets_from_modules([advice])
+# What each asset runs on and is stored as, shown as `kinds` in the UI (one place for all).
+TABLE_FORMAT = "delta"  # as assets.kinds.DELTA_TABLE says on the tables the warehouse stores
+ASSET_KINDS = {
+    "catalog": {"spark", TABLE_FORMAT},
+    "sales": {"spark", TABLE_FORMAT, "great_expectations"},
+    "trigger_events": {"spark", TABLE_FORMAT},
+    "experiments": {"yaml", TABLE_FORMAT},
+    "substitution_graph": {"spark", TABLE_FORMAT},
+    "product_clusters": {"spark", "igraph", TABLE_FORMAT},
+    "daily_assignments": {"spark", TABLE_FORMAT, "great_expectations"},
+    "simulated_sales": {"python", TABLE_FORMAT},
+    "simulator_truth": {"python", TABLE_FORMAT},
+    "experiment_sales": {"spark", TABLE_FORMAT, "great_expectations"},
+    "first_differences": {"spark", TABLE_FORMAT},
+    "experiment_results": {"scikitlearn", TABLE_FORMAT},
+    "experiment_report": {"matplotlib", "markdown"},
+    "design_advice": {"spark", TABLE_FORMAT},
+}
+
+
+def with_kinds(assets_defs: list) -> list:
+    return [
+        a.map_asset_specs(lambda spec: spec.merge_attributes(kinds=ASSET_KINDS.get(spec.key.to_user_string(), set())))
+        for a in assets_defs
+    ]
+
+
+INPUT_AND_GRAPH_ASSETS = with_kinds(dg.load_assets_from_modules([inputs, graph, clustering]))
+ASSIGNMENT_ASSETS = with_kinds(dg.load_assets_from_modules([assignments]))
+RESULT_ASSETS = with_kinds(dg.load_assets_from_modules([estimation, report]))
+ADVICE_ASSETS = with_kinds(dg.load_assets_from_modules([advice]))
 DEMO_ASSETS = []
 if demo_mode():
     from assets import simulation
 
-    DEMO_ASSETS = dg.load_assets_from_modules([simulation])
+    DEMO_ASSETS = with_kinds(dg.load_assets_from_modules([simulation]))
 
 build_graph_job = dg.define_asset_job(
     "build_graph_job",

@@ -33,7 +33,11 @@ def experiment_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     if snapshots:
         blocks = warehouse.read(spark, graph.BLOCKS_TABLE, ("snapshot_date", snapshots[-1])).toPandas()
         graph_power = {**graph.power_summary(blocks), "snapshot_date": snapshots[-1]}
-    path = warehouse.write_file("report/report.md", report.report_markdown(table, problems, as_of, exposure, graph_power))
+    text = report.report_markdown(table, problems, as_of, exposure, graph_power)
+    advice = warehouse.tables_dir / "report" / "design_advice.md"  # design_advice's section, when it ran
+    if advice.exists():
+        text = text.rstrip("\n") + "\n\n" + advice.read_text()
+    path = warehouse.write_file("report/report.md", text)
     context.log.info("experiment results:\n" + report.format_table(table))
     metadata = {"report": dg.MetadataValue.path(str(path)), "table": dg.MetadataValue.md(report.format_table(table))}
     if picture:

@@ -6,7 +6,7 @@ deployment. Jobs run in-process so a run starts one JVM, not one per step.
 
 import dagster as dg
 
-from assets import assignments, clustering, estimation, graph, inputs, report
+from assets import advice, assignments, clustering, estimation, graph, inputs, report
 from assets.mode import demo_mode
 from jobs.resources import default_resources
 from jobs.sensors import experiment_files_sensor
@@ -27,6 +27,7 @@ ASSET_KINDS = {
     "first_differences": {"spark", TABLE_FORMAT},
     "experiment_results": {"scikitlearn", TABLE_FORMAT},
     "experiment_report": {"matplotlib", "markdown"},
+    "design_advice": {"spark", TABLE_FORMAT},
 }
 
 
@@ -40,6 +41,7 @@ def with_kinds(assets_defs: list) -> list:
 INPUT_AND_GRAPH_ASSETS = with_kinds(dg.load_assets_from_modules([inputs, graph, clustering]))
 ASSIGNMENT_ASSETS = with_kinds(dg.load_assets_from_modules([assignments]))
 RESULT_ASSETS = with_kinds(dg.load_assets_from_modules([estimation, report]))
+ADVICE_ASSETS = with_kinds(dg.load_assets_from_modules([advice]))
 DEMO_ASSETS = []
 if demo_mode():
     from assets import simulation
@@ -61,6 +63,11 @@ refresh_results_job = dg.define_asset_job(
     selection=dg.AssetSelection.groups("results", "demo_simulator"),
     description="Read the new sales, then re-estimate every experiment and rebuild the report.",
 )
+advise_job = dg.define_asset_job(
+    "advise_job",
+    selection=dg.AssetSelection.assets("design_advice"),
+    description="Answer the proposals in input/proposals/ from history: design, unit, blackout, detectable effect.",
+)
 
 publish_assignments_schedule = dg.build_schedule_from_partitioned_job(
     publish_assignments_job, hour_of_day=0, minute_of_hour=15, name="publish_assignments_daily"
@@ -73,8 +80,8 @@ build_graph_schedule = dg.ScheduleDefinition(
 )
 
 defs = dg.Definitions(
-    assets=[*INPUT_AND_GRAPH_ASSETS, *ASSIGNMENT_ASSETS, *DEMO_ASSETS, *RESULT_ASSETS],
-    jobs=[build_graph_job, publish_assignments_job, refresh_results_job],
+    assets=[*INPUT_AND_GRAPH_ASSETS, *ASSIGNMENT_ASSETS, *DEMO_ASSETS, *RESULT_ASSETS, *ADVICE_ASSETS],
+    jobs=[build_graph_job, publish_assignments_job, refresh_results_job, advise_job],
     schedules=[publish_assignments_schedule, refresh_results_schedule, build_graph_schedule],
     sensors=[experiment_files_sensor],
     resources=default_resources(),

@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := False
 export SPARK_LOCAL_IP := 127.0.0.1
 export PYSPARK_PYTHON := $(CURDIR)/$(PY)
 
-.PHONY: setup java maven demo test test-fast ui lock clean-data validate bench-setup
+.PHONY: setup java maven demo test test-fast ui lock clean-data validate validate-inputs bench-setup
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -90,3 +90,7 @@ lock:
 
 clean-data:
 	rm -rf data .dagster_home
+
+# every input under $(PRICELAB_DATA_DIR)/input checked without Spark; every refusal printed (exit 3 when any)
+validate-inputs: setup
+	$(VENV)/bin/pricelab validate-inputs

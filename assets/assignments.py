@@ -21,7 +21,7 @@ import dagster as dg
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from assets.checks import gx_check_result
+from assets.checks import gx_check_result, run_metadata
 from assets.inputs import read_registry
 from assets.kinds import DELTA_TABLE
 from assets.partitions import daily_partitions
@@ -65,15 +65,15 @@ def _changed_days(new: DataFrame, published: DataFrame) -> list[dict]:
     required_resource_keys={"spark", "warehouse"},
     check_specs=[
         dg.AssetCheckSpec(
-            ASSIGNMENT_CONTRACT, asset="daily_assignments", blocking=True,
+            ASSIGNMENT_CONTRACT, asset="daily_assignments", blocking=True, partitions_def=daily_partitions,
             description="GX: keys present, arm in {treatment, control}, one arm per product and day",
         ),
         dg.AssetCheckSpec(
-            UNITS_MOVE_TOGETHER, asset="daily_assignments", blocking=True,
+            UNITS_MOVE_TOGETHER, asset="daily_assignments", blocking=True, partitions_def=daily_partitions,
             description="every product of a randomisation unit has the same arm on a day",
         ),
         dg.AssetCheckSpec(
-            EXPERIMENTS_PUBLISHED, asset="daily_assignments",
+            EXPERIMENTS_PUBLISHED, asset="daily_assignments", partitions_def=daily_partitions,
             description="warns when an active experiment could not be assigned (e.g. no clusters snapshot)",
         ),
         dg.AssetCheckSpec(
@@ -217,6 +217,7 @@ def _publish(context, spark, warehouse, days: list[dt.date]) -> dg.MaterializeRe
         "days_already_published": len(published_days),
         "enrolments_reused": dg.MetadataValue.json(frozen),
         "rows_per_experiment_arm": dg.MetadataValue.json(counts),
+        **run_metadata(spark, sum(counts.values())),
     }
     # calendars: every published day of each experiment, its first CALENDAR_UNITS units (one job)
     by_unit = Window.partitionBy("experiment").orderBy("unit_id")
@@ -242,25 +243,34 @@ def _publish(context, spark, warehouse, days: list[dt.date]) -> dg.MaterializeRe
     problems = warehouse.audit_published(spark, "daily_assignments", values=audited)
     if problems:
         context.log.error(f"daily_assignments: Delta's history shows a published day changed: {problems[0][:300]}")
-    return dg.MaterializeResult(
-        metadata=metadata,
-        check_results=[
-            gx_check_result(ASSIGNMENT_CONTRACT, outcome),
-            dg.AssetCheckResult(
-                check_name=UNITS_MOVE_TOGETHER, passed=n_split == 0,
-                metadata={"split_units": n_split, "examples": dg.MetadataValue.json(split_examples)},
-            ),
-            dg.AssetCheckResult(
-                check_name=EXPERIMENTS_PUBLISHED, passed=not not_published, severity=dg.AssetCheckSeverity.WARN,
-                metadata={"not_published": dg.MetadataValue.json(not_published)},
-            ),
-            dg.AssetCheckResult(
-                check_name=PUBLISHED_UNCHANGED, passed=not problems,
-                metadata={
-                    "problems": dg.MetadataValue.json(problems[:20]),
-                    "table_version": int(warehouse.history("daily_assignments", last=1)["version"].iloc[-1]),
-                    "days_compared_with_first_publication": dg.MetadataValue.json(audited),
-                },
-            ),
-        ],
-    )
+    check_results = [
+        gx_check_result(ASSIGNMENT_CONTRACT, outcome),
+        dg.AssetCheckResult(
+            check_name=UNITS_MOVE_TOGETHER, passed=n_split == 0,
+            metadata={"split_units": n_split, "examples": dg.MetadataValue.json(split_examples)},
+        ),
+        dg.AssetCheckResult(
+            check_name=EXPERIMENTS_PUBLISHED, passed=not not_published, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"not_published": dg.MetadataValue.json(not_published)},
+        ),
+        dg.AssetCheckResult(
+            check_name=PUBLISHED_UNCHANGED, passed=not problems,
+            metadata={
+                "problems": dg.MetadataValue.json(problems[:20]),
+                "table_version": int(warehouse.history("daily_assignments", last=1)["version"].iloc[-1]),
+                "days_compared_with_first_publication": dg.MetadataValue.json(audited),
+            },
+        ),
+    ]
+    if len(days) > 1:  # a range run (a backfill): the per-day checks are recorded on each of its days too
+        blocking = {ASSIGNMENT_CONTRACT: True, UNITS_MOVE_TOGETHER: True, EXPERIMENTS_PUBLISHED: False}
+        for result in check_results:
+            if result.check_name not in blocking:  # PUBLISHED_UNCHANGED is about the whole table
+                continue
+            for day in days:
+                context.log_event(dg.AssetCheckEvaluation(
+                    asset_key=dg.AssetKey("daily_assignments"), check_name=result.check_name, passed=result.passed,
+                    metadata=result.metadata, severity=result.severity, blocking=blocking[result.check_name],
+                    partition=day.isoformat(),
+                ))
+    return dg.MaterializeResult(metadata=metadata, check_results=check_results)

@@ -25,3 +25,22 @@ def refused_rows_result(check_name: str, counts: dict[str, int], examples: list[
     return dg.AssetCheckResult(
         check_name=check_name, passed=passed, severity=dg.AssetCheckSeverity.WARN, metadata=metadata
     )
+
+
+ROW_COUNT = "dagster/row_count"
+
+
+def run_metadata(spark=None, rows: int | None = None) -> dict:
+    """Metadata every asset carries: its row count (`dagster/row_count`, shown in the UI's asset
+    table) and, where the Spark session has a UI (on a cluster; local sessions run without one),
+    a link to it."""
+    metadata = {}
+    if rows is not None:
+        metadata[ROW_COUNT] = dg.MetadataValue.int(int(rows))
+    try:
+        url = spark.sparkContext.uiWebUrl if spark is not None else None  # classic sessions only
+    except Exception:
+        url = None
+    if url:
+        metadata["spark_ui"] = dg.MetadataValue.url(url)
+    return metadata

@@ -8,8 +8,10 @@ import base64
 import dagster as dg
 from pyspark.sql import functions as F
 
+from assets.checks import run_metadata
 from assets.kinds import DELTA_TABLE
 from pipelines import clustering, graph
+from pipelines.progress import spark_progress
 
 MAX_CLUSTER_SIZE = 40
 EVERY_PRODUCT_ONE_CLUSTER = "every_product_in_one_cluster"
@@ -33,20 +35,27 @@ def product_clusters(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     snapshots = warehouse.partitions("substitution_graph", "snapshot_date")
     if not snapshots:
         raise dg.Failure("product_clusters: no substitution_graph snapshot has been built yet")
-    partition = ("snapshot_date", snapshots[-1])
-    edges = warehouse.read(spark, "substitution_graph", partition)
     catalog = warehouse.read(spark, "catalog")
     products = catalog.select("product_id")
-    reused = warehouse.exists("product_clusters", partition)
-    if reused:
-        context.log.info(f"clusters for snapshot {snapshots[-1]} exist and are never rewritten; reusing them")
-    else:
+    # every graph snapshot gets its clusters (a build may add snapshots at experiment starts)
+    reused = True
+    for snapshot in snapshots:
+        partition = ("snapshot_date", snapshot)
+        if warehouse.exists("product_clusters", partition):
+            if snapshot == snapshots[-1]:
+                context.log.info(f"clusters for snapshot {snapshot} exist and are never rewritten; reusing them")
+            continue
+        reused = reused and snapshot != snapshots[-1]
+        context.log.info(f"clustering snapshot {snapshot}")
         blocks = warehouse.read(spark, graph.BLOCKS_TABLE, partition).toPandas() if warehouse.exists(graph.BLOCKS_TABLE, partition) else None
-        clusters = clustering.cluster_products(
-            edges, catalog, max_cluster_size=MAX_CLUSTER_SIZE, blocks=blocks,
-            checkpoint_dir=str(warehouse.root / "checkpoints"),
-        )
-        warehouse.write(clusters, "product_clusters", partition)
+        with spark_progress(spark, f"clusters {snapshot}", context.log.info):
+            clusters = clustering.cluster_products(
+                warehouse.read(spark, "substitution_graph", partition), catalog, max_cluster_size=MAX_CLUSTER_SIZE,
+                blocks=blocks, checkpoint_dir=str(warehouse.root / "checkpoints"),
+            )
+            warehouse.write(clusters, "product_clusters", partition)
+    partition = ("snapshot_date", snapshots[-1])
+    edges = warehouse.read(spark, "substitution_graph", partition)
     clusters = warehouse.read(spark, "product_clusters", partition)
     metrics = clustering.cluster_metrics(edges, clusters)
     for line in clustering.design_warnings(metrics):
@@ -64,6 +73,7 @@ def product_clusters(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         metadata={
             "snapshot_date": snapshots[-1],
             "reused_snapshot": reused,
+            **run_metadata(spark, clusters.count()),
             **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
             "metrics": dg.MetadataValue.json(metrics),
             "largest_clusters": dg.MetadataValue.md(

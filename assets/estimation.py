@@ -6,11 +6,13 @@ import dagster as dg
 import pandas as pd
 from pyspark.sql import functions as F
 
+from assets.checks import run_metadata
 from assets.kinds import DELTA_TABLE
 from assets.inputs import load_checked_sales, sales_check_specs
 from assets.mode import demo_mode
 from pipelines import balance, estimation, graph, spillover
 from pipelines import metrics as metric_rules
+from pipelines.progress import Progress, spark_progress
 from pipelines import experiments as experiment_files
 
 PRE_DAYS = estimation.CounterfactualSettings().pre_days
@@ -35,7 +37,8 @@ def experiment_sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         F.count("*").alias("rows"), F.countDistinct("product_id").alias("products"), F.max("date").alias("last_day")
     ).first()
     return dg.MaterializeResult(
-        metadata={"rows": stats["rows"], "products": stats["products"], "last_day": str(stats["last_day"]), "refused_rows": refused},
+        metadata={"rows": stats["rows"], "products": stats["products"], "last_day": str(stats["last_day"]), "refused_rows": refused,
+                  **run_metadata(spark, stats["rows"])},
         check_results=checks,
     )
 
@@ -134,6 +137,7 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
             "products_per_experiment": dg.MetadataValue.json(per_experiment.set_index("experiment").to_dict(orient="index")),
             "counterfactual_chosen": dg.MetadataValue.json(counterfactuals),  # products per back-test winner
             "note": "products enrolled but without a first difference lack pre-period history or window days",
+            **run_metadata(spark, stored.count()),
         },
         check_results=_checks(warehouse, spark, specs),
     )
@@ -221,8 +225,18 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     as_of = warehouse.read(spark, "experiment_sales").agg(F.max("date")).first()[0]
     models: dict = {}
     clusters = _clusters_in_force(context, specs)
-    results, problems = estimation.estimate_experiments(fd, specs, as_of, features=catalog, models=models,
-                                                        clusters=clusters)
+    # one experiment at a time (each fit is independent, same random_state: the same numbers as
+    # all at once), so the run log says how far it is and how long is left
+    progress = Progress("experiment_results", len(specs), "experiment(s)", context.log.info)
+    parts, problems = [], {}
+    for i in range(len(specs)):
+        part, part_problems = estimation.estimate_experiments(fd, specs.iloc[[i]], as_of, features=catalog,
+                                                              models=models, clusters=clusters)
+        parts.append(part)
+        problems.update(part_problems)
+        progress.step(str(specs["name"].iloc[i]))
+    filled = [p for p in parts if not p.empty]
+    results = pd.concat(filled, ignore_index=True) if filled else pd.DataFrame(columns=estimation.RESULT_COLUMNS)
     for name, why in problems.items():
         context.log.warning(f"experiment '{name}' not estimated: {why}")
     exposure, spillover_notes = _add_spillover(context, results, fd, specs)
@@ -268,5 +282,6 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
                 )
             ),
             "spillover": dg.MetadataValue.json(spillover_notes),
+            **run_metadata(spark, len(results)),
         }
     )

@@ -10,8 +10,10 @@ import datetime as dt
 import dagster as dg
 from pyspark.sql import functions as F
 
+from assets.checks import run_metadata
 from assets.kinds import DELTA_TABLE
 from pipelines import graph, inputs
+from pipelines.progress import Progress, spark_progress
 
 
 class SnapshotConfig(dg.Config):
@@ -34,34 +36,66 @@ def resolve_snapshot_date(config: SnapshotConfig, sales) -> dt.date:
     return last + dt.timedelta(days=1)
 
 
-@dg.asset(kinds=DELTA_TABLE, group_name="graph", deps=["sales", "catalog"], required_resource_keys={"spark", "warehouse"})
+def _build_snapshot(context, spark, warehouse, snapshot: dt.date) -> bool:
+    """Build snapshot `snapshot` unless it exists (snapshots are never rewritten); True when reused."""
+    partition = ("snapshot_date", snapshot.isoformat())
+    if warehouse.exists("substitution_graph", partition) and warehouse.exists(graph.BLOCKS_TABLE, partition):
+        context.log.info(f"snapshot {snapshot} exists and is never rewritten; reusing it")
+        return True
+    sales = warehouse.read(spark, "sales")
+    catalog = warehouse.read(spark, "catalog")
+    related = inputs.load_related_pairs(spark, warehouse.root)
+    context.log.info(f"building the substitution graph for snapshot {snapshot} (365 days of history)")
+    with spark_progress(spark, f"substitution graph {snapshot}", context.log.info):
+        learned = graph.learn_substitution(sales, catalog, snapshot, related_pairs=related)
+    warehouse.write(spark.createDataFrame(learned.blocks), graph.BLOCKS_TABLE, partition)
+    warehouse.write(learned.edges, "substitution_graph", partition)
+    return False
+
+
+def experiment_starts(spark, warehouse) -> list[dt.date]:
+    """Start days of the accepted experiments (none before the experiments asset has run)."""
+    if not warehouse.exists("experiments"):
+        return []
+    return sorted({r["start"] for r in warehouse.read(spark, "experiments").select("start").collect()})
+
+
+@dg.asset(kinds=DELTA_TABLE, group_name="graph", deps=["sales", "catalog", "experiments"], required_resource_keys={"spark", "warehouse"})
 def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig) -> dg.MaterializeResult:
     """Edges (src, dst, weight, corr, n_days, evidence) between substitutes, and the evidence and
-    power of each block (`substitution_blocks`), one dated snapshot per build."""
+    power of each block (`substitution_blocks`), one dated snapshot per build. Every accepted
+    experiment also gets a snapshot in force at its start: when none is dated on or before it,
+    one dated at its start is built (from the 365 days before it)."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     sales = warehouse.read(spark, "sales")
     snapshot = resolve_snapshot_date(config, sales)
+    existing = [dt.date.fromisoformat(d) for d in warehouse.partitions("substitution_graph", "snapshot_date")]
+    starts = experiment_starts(spark, warehouse)
+    wanted = graph.snapshot_dates_needed(snapshot, existing, starts)
+    for extra in [d for d in wanted if d != snapshot]:
+        context.log.info(f"experiment start {extra} has no snapshot in force: building one dated {extra}")
+    reused = True
+    days = sorted(set(wanted) | {snapshot})
+    progress = Progress("substitution graph", len(days), "snapshot(s)", context.log.info)
+    for day in days:
+        built_reused = _build_snapshot(context, spark, warehouse, day)
+        progress.step(f"{day}{' reused' if built_reused else ' built'}")
+        if day == snapshot:
+            reused = built_reused
     partition = ("snapshot_date", snapshot.isoformat())
-    reused = warehouse.exists("substitution_graph", partition) and warehouse.exists(graph.BLOCKS_TABLE, partition)
-    if reused:
-        context.log.info(f"snapshot {snapshot} exists and is never rewritten; reusing it")
-    else:
-        catalog = warehouse.read(spark, "catalog")
-        related = inputs.load_related_pairs(spark, warehouse.root)
-        context.log.info(f"building the substitution graph for snapshot {snapshot} (365 days of history)")
-        learned = graph.learn_substitution(sales, catalog, snapshot, related_pairs=related)
-        warehouse.write(spark.createDataFrame(learned.blocks), graph.BLOCKS_TABLE, partition)
-        warehouse.write(learned.edges, "substitution_graph", partition)
     edges = warehouse.read(spark, "substitution_graph", partition)
     blocks = warehouse.read(spark, graph.BLOCKS_TABLE, partition).toPandas()
     power = graph.power_summary(blocks)
     for line in power["warnings"]:
         context.log.warning(line)
+    summary = graph.graph_summary(edges)
     return dg.MaterializeResult(
         metadata={
+            **run_metadata(spark, summary.get("edges")),
             "snapshot_date": snapshot.isoformat(),
             "reused_snapshot": reused,
-            **graph.graph_summary(edges),
+            "snapshots_added_for_experiment_starts": dg.MetadataValue.json([d.isoformat() for d in wanted if d != snapshot]),
+            **summary,
             **{k: v for k, v in power.items() if k not in ("warnings", "table")},
             "power_by_block": dg.MetadataValue.md(power["table"]),
             "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in power["warnings"]) or "none"),

@@ -9,7 +9,7 @@ so nothing downstream is computed from it.
 import dagster as dg
 from pyspark.sql import functions as F
 
-from assets.checks import gx_check_result, refused_rows_result
+from assets.checks import gx_check_result, refused_rows_result, run_metadata
 from assets.kinds import DELTA_TABLE
 from pipelines import experiments as experiment_files
 from pipelines import inputs, quality
@@ -58,6 +58,7 @@ def catalog(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "subclasses": table.select("subclass").distinct().count(),
             "products_per_category": dg.MetadataValue.json(per_category),
             "attributes": dg.MetadataValue.json([c for c in table.columns if c not in inputs.CATALOG_COLUMNS]),
+            **run_metadata(spark, sum(per_category.values())),
         },
         check_results=[
             gx_check_result(CATALOG_CONTRACT, outcome),
@@ -116,6 +117,7 @@ def sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "first_day": str(stats["first_day"]),
             "last_day": str(stats["last_day"]),
             "refused_rows": refused,
+            **run_metadata(spark, stats["rows"]),
         },
         check_results=checks,
     )
@@ -132,7 +134,8 @@ def trigger_events(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     warehouse.write(loaded.rows, "trigger_events")
     per_event = {r["event"]: int(r["count"]) for r in warehouse.read(spark, "trigger_events").groupBy("event").count().collect()}
     return dg.MaterializeResult(
-        metadata={"events": dg.MetadataValue.json(per_event), "refused_rows": sum(counts.values())}
+        metadata={"events": dg.MetadataValue.json(per_event), "refused_rows": sum(counts.values()),
+                  **run_metadata(spark, sum(per_event.values()))}
     )
 
 
@@ -158,9 +161,11 @@ def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     registry = read_registry(warehouse)
     previous = warehouse.read(spark, "experiments").toPandas() if warehouse.exists("experiments") else None
     directory = warehouse.input_dir / "experiments"
-    loaded = experiment_files.load_experiment_directory(
-        directory, known, experiment_files.running_specs(registry, previous)
-    )
+    running = experiment_files.running_specs(registry, previous)
+    for name in experiment_files.retired_names(warehouse.tables_dir) & set(running):
+        context.log.info(f"experiment '{name}' is retired (`pricelab retire`): no longer kept on its last spec")
+        running.pop(name)
+    loaded = experiment_files.load_experiment_directory(directory, known, running)
     specs, errors = loaded.specs, loaded.refused
     for message in loaded.ignored:
         context.log.warning(message)
@@ -183,6 +188,9 @@ def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             ),
             "refused": len(errors),
             "kept_on_last_valid_spec": dg.MetadataValue.json(loaded.kept),
+            # what the experiment-files sensor compares with at its first tick (jobs/sensors.py)
+            "file_digests": dg.MetadataValue.json(experiment_files.experiment_file_digests(directory)),
+            **run_metadata(spark, len(specs)),
         },
         check_results=[
             dg.AssetCheckResult(

@@ -1,28 +1,84 @@
-"""Daily partitions, defined once. Today's partition exists (end_offset=1) so the morning
-schedule can publish the day's assignments before the day's prices go live. An unknown partition
-key is refused naming the valid range (Dagster's own message names only the key)."""
+"""Daily partitions, defined once. They start on the first day of the month of the earliest
+experiment start found in the data (`$PRICELAB_DATA_DIR`: experiment files and the experiments
+already accepted or enrolled in the warehouse), so the CLI, `dagster dev` and the daemon, which
+all import this module with the same PRICELAB_DATA_DIR, agree without any further setting.
+`PRICELAB_PARTITIONS_START` (YYYY-MM-DD) still wins when set. With no experiment anywhere they
+start on the first day of the current month. Today's partition exists (end_offset=1) so the
+morning schedule can publish the day's assignments before the day's prices go live. An unknown
+partition key is refused naming the valid range (Dagster's own message names only the key)."""
 
+import datetime as dt
 import os
+from pathlib import Path
 
 import dagster as dg
 from dagster._core.errors import DagsterUnknownPartitionError
 
-PARTITIONS_START = os.environ.get("PRICELAB_PARTITIONS_START", "2026-01-01")
+from pipelines.contract import today_utc
+
+WAREHOUSE_SPEC_TABLES = ("experiments", "experiment_registry")
+
+
+def _warehouse_starts(root: Path) -> list[dt.date]:
+    """Experiment starts recorded in the warehouse (accepted or enrolled experiments, e.g. one
+    whose file has since been removed); read with pyarrow, no Spark. Unreadable tables count as none."""
+    import pyarrow.dataset as ds
+
+    starts: list[dt.date] = []
+    for table in WAREHOUSE_SPEC_TABLES:
+        path = root / "warehouse" / table
+        if not path.is_dir():
+            continue
+        try:
+            column = ds.dataset(str(path), format="parquet", partitioning="hive").to_table(columns=["start"]).column("start")
+        except Exception:
+            continue
+        for value in column.to_pylist():
+            if value is not None:
+                starts.append(value.date() if isinstance(value, dt.datetime) else dt.date.fromisoformat(str(value)[:10]))
+    return starts
+
+
+def earliest_experiment_start(root: str | Path | None = None) -> dt.date | None:
+    """The earliest start of any experiment file (that parses) or warehouse experiment, or None."""
+    from pipelines.experiments import ExperimentFileError, experiment_file_paths, parse_experiment_file
+
+    root = Path(root if root is not None else (os.environ.get("PRICELAB_DATA_DIR") or "data")).resolve()
+    starts = _warehouse_starts(root)
+    for path in experiment_file_paths(root / "input" / "experiments"):
+        try:
+            starts.append(parse_experiment_file(path).start)
+        except ExperimentFileError:
+            continue
+    return min(starts) if starts else None
+
+
+def partitions_start(root: str | Path | None = None) -> str:
+    explicit = os.environ.get("PRICELAB_PARTITIONS_START", "").strip()
+    if explicit:
+        return explicit
+    first = earliest_experiment_start(root) or today_utc()
+    return first.replace(day=1).isoformat()
+
+
+PARTITIONS_START = partitions_start()
 
 
 class DailyPartitionsNamingTheRange(dg.DailyPartitionsDefinition):
     """Dagster's daily partitions, whose refusal of an unknown key says which keys exist."""
 
+    def unknown_key_message(self, partition_key: str) -> str:
+        return (
+            f"partition {str(partition_key)[:40]!r} of daily_assignments does not exist: valid keys are days "
+            f"YYYY-MM-DD from {self.get_first_partition_key()} to {self.get_last_partition_key()} (the first is "
+            "the month of the earliest experiment start; today's day is the last)"
+        )
+
     def validate_partition_key(self, partition_key: str, context) -> None:
         try:
             super().validate_partition_key(partition_key, context)
         except DagsterUnknownPartitionError:
-            last = self.get_last_partition_key()
-            raise DagsterUnknownPartitionError(
-                f"partition {str(partition_key)[:40]!r} of daily_assignments does not exist: valid keys are days "
-                f"YYYY-MM-DD from {self.get_first_partition_key()} to {last} (today's day is the last; "
-                "PRICELAB_PARTITIONS_START sets the first)"
-            ) from None
+            raise DagsterUnknownPartitionError(self.unknown_key_message(partition_key)) from None
 
 
 daily_partitions = DailyPartitionsNamingTheRange(start_date=PARTITIONS_START, end_offset=1, timezone="UTC")

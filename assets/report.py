@@ -45,8 +45,11 @@ def experiment_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     if has_over_time:
         truth_rel = table[["experiment", "metric", "true_relative"]].drop_duplicates() if "true_relative" in table.columns else None
         warehouse.write_file("report/effect_over_time.png", report.effect_over_time_png(over_time, truth_rel))
-    path = warehouse.write_file("report/report.md", report.report_markdown(
-        table, problems, as_of, exposure, graph_power, sentences=sentences, over_time=has_over_time))
+    text = report.report_markdown(table, problems, as_of, exposure, graph_power, sentences=sentences, over_time=has_over_time)
+    advice = warehouse.tables_dir / "report" / "design_advice.md"  # design_advice's section, when it ran
+    if advice.exists():
+        text = text.rstrip("\n") + "\n\n" + advice.read_text()
+    path = warehouse.write_file("report/report.md", text)
     for name, sentence in sentences.items():
         context.log.info(f"{name}: {sentence}")
     context.log.info("experiment results:\n" + report.format_table(table))

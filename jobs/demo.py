@@ -33,18 +33,19 @@ def _step(message: str, started: float) -> None:
 
 def _run(job_name: str, instance: dg.DagsterInstance, tags: dict | None = None) -> None:
     from jobs.definitions import defs
+    from jobs.runs import run_tags
 
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # our progress lines, not Dagster's DEBUG events
     result = defs.get_job_def(job_name).execute_in_process(
-        run_config=quiet, instance=instance, tags=tags or {}, raise_on_error=False
+        run_config=quiet, instance=instance, tags={**(tags or {}), **run_tags()}, raise_on_error=False
     )
     failed_checks = [
         e.asset_check_evaluation_data
         for e in result.all_events
         if e.event_type_value == "ASSET_CHECK_EVALUATION" and not e.asset_check_evaluation_data.passed
     ]
-    for check in failed_checks:
-        print(f"    check failed: {check.asset_key.to_user_string()}:{check.check_name}", flush=True)
+    for name in dict.fromkeys(f"{c.asset_key.to_user_string()}:{c.check_name}" for c in failed_checks):
+        print(f"    check failed: {name}", flush=True)
     if not result.success:
         failures = [e.message for e in result.all_events if e.is_failure]
         raise SystemExit(f"{job_name} failed:\n  " + "\n  ".join(failures[:5]))

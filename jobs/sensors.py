@@ -3,7 +3,11 @@
 `experiment_files_sensor` keeps, as its cursor, the JSON of {file name: sha256 of its content}
 for `input/experiments/*.yaml|*.yml`. When the listing differs from the cursor it requests a run
 of the `experiments` asset (which validates the files, refusing bad ones one by one) and logs
-which files were added, changed and removed; otherwise it skips. The next daily assignments run
+which files were added, changed and removed; otherwise it skips. With no cursor yet (the first
+tick after `dagster dev` or the daemon starts) it compares with the digests that the last
+`experiments` materialization recorded (`file_digests` metadata, e.g. from `make demo`), so
+nothing re-runs when nothing changed. Each tick also marks runs left STARTED by a dead process
+as failed (`jobs.runs.fail_dead_runs`). The next daily assignments run
 then reads the new experiment table (and refuses any change to a published day).
 """
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import dagster as dg
 
 from jobs.resources import WarehouseResource
+from jobs.runs import fail_dead_runs
 from pipelines.experiments import compare_digests, experiment_file_digests
 
 EXPERIMENTS_ASSET_KEY = dg.AssetKey("experiments")
@@ -35,6 +40,27 @@ def _digests_from_cursor(cursor: str | None, log) -> dict[str, str]:
     return digests
 
 
+FILE_DIGESTS_METADATA = "file_digests"
+
+
+def _instance(context):
+    try:
+        return context.instance
+    except Exception:  # a context built without an instance (unit tests)
+        return None
+
+
+def _last_materialized_digests(instance) -> dict[str, str] | None:
+    """{file: sha256} recorded by the latest `experiments` materialization, or None."""
+    if instance is None:
+        return None
+    event = instance.get_latest_materialization_event(EXPERIMENTS_ASSET_KEY)
+    materialization = event.asset_materialization if event is not None else None
+    value = materialization.metadata.get(FILE_DIGESTS_METADATA) if materialization is not None else None
+    data = getattr(value, "data", None)
+    return data if isinstance(data, dict) else None
+
+
 def describe_changes(changes: dict[str, list[str]]) -> str:
     """One line such as 'added: b.yaml; changed: a.yaml' (kinds without files left out)."""
     return "; ".join(f"{kind}: {', '.join(files)}" for kind, files in changes.items() if files)
@@ -49,12 +75,20 @@ def describe_changes(changes: dict[str, list[str]]) -> str:
 )
 def experiment_files_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):
     """Request an `experiments` run when `input/experiments/` differs from the cursor's digests."""
+    instance = _instance(context)
+    if instance is not None:
+        for run_id in fail_dead_runs(instance):
+            context.log.warning(f"run {run_id} was left STARTED by a dead process: marked failed")
     directory = warehouse.get().input_dir / "experiments"
-    before = _digests_from_cursor(context.cursor, context.log)
     after = experiment_file_digests(directory)
+    recorded = None if context.cursor else _last_materialized_digests(instance)
+    before = recorded if recorded is not None else _digests_from_cursor(context.cursor, context.log)
     changes = compare_digests(before, after)
     if not any(changes.values()):
-        return dg.SkipReason(f"no experiment file added, changed or removed in {directory} ({len(after)} file(s))")
+        message = f"no experiment file added, changed or removed in {directory} ({len(after)} file(s))"
+        if recorded is not None:  # first tick: adopt what the last materialization read
+            return dg.SensorResult(skip_reason=message + " since the last experiments run", cursor=json.dumps(after, sort_keys=True))
+        return dg.SkipReason(message)
     summary = describe_changes(changes)
     context.log.info(f"experiment files in {directory}: {summary}")
     cursor = json.dumps(after, sort_keys=True)

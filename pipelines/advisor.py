@@ -80,6 +80,7 @@ DEFAULT_POWER = 0.8
 DEFAULT_REPLAYS = 200
 DEFAULT_CALIBRATION_REPLAYS = 4
 DEFAULT_CALIBRATION_PRODUCTS = 300
+CALIBRATION_MIN_PRE_DAYS = 120  # calibrating replays start this far into the history (when it is long enough)
 PRE_LEVEL_DAYS = 28  # the fast first difference's counterfactual: the level of the 4 weeks before
 CARRYOVER_MAX_LAG = 14
 CARRYOVER_Z = 4.0  # first-day excess needed to call carryover present (many events: a strict bar)
@@ -92,6 +93,12 @@ ADVICE_COLUMNS = (
     "rmse_rel", "recommended", "baseline", "expected_rel", "fast_se", "calibration_ratio",
     "calibration_replays", "carryover_bias_rel", "reason",
 )
+
+_TEXT = ("proposal", "design", "unit", "reason")
+_INTEGER = ("n_units", "n_products", "replays", "carryover_days", "calibration_replays")
+ADVICE_SCHEMA = ", ".join(
+    f"{c} {'string' if c in _TEXT else 'bigint' if c in _INTEGER else 'boolean' if c == 'recommended' else 'double'}"
+    for c in ADVICE_COLUMNS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -663,7 +670,9 @@ def calibrate(history: History, replays: Replays, fast: dict, sales: pd.DataFram
     sizes = np.bincount(replays.unit)
     chosen = order[np.cumsum(sizes[order]) <= max_products] if sizes.sum() > max_products else units
     keep = np.isin(replays.unit, chosen)
-    which = np.linspace(0, len(replays.starts) - 1, n_calibration).round().astype(int)
+    # calibrating replays: spread over the windows with a long pre-period (the real counterfactuals need one)
+    late = np.flatnonzero(replays.starts >= min(CALIBRATION_MIN_PRE_DAYS, replays.starts.max()))
+    which = late[np.linspace(0, len(late) - 1, n_calibration).round().astype(int)]
     sub = dataclasses.replace(replays, rows=replays.rows[keep], role=replays.role[:, keep], unit=replays.unit[keep],
                               block=np.unique(replays.block[keep], return_inverse=True)[1])
     fast_sub = fast_did(history, sub, 0.05)
@@ -674,12 +683,12 @@ def calibrate(history: History, replays: Replays, fast: dict, sales: pd.DataFram
     for k in which:
         a = _calibration_assignments(history, replays, int(k), keep)
         last = a["date"].max()
-        fd = estimation.first_differences_pandas(
-            sales_sub[pd.to_datetime(sales_sub["date"]) <= last], a, {f"aa{k}": replays.spec.design},
-            {f"aa{k}": metric}, catalog=catalog, events=events_sub)
-        if fd.empty:
-            continue
         try:
+            fd = estimation.first_differences_pandas(
+                sales_sub[pd.to_datetime(sales_sub["date"]) <= last], a, {f"aa{k}": replays.spec.design},
+                {f"aa{k}": metric}, catalog=catalog, events=events_sub)
+            if fd.empty:
+                continue
             model = estimation.DiDEstimator(n_bootstrap=200, random_state=int(k)).fit(fd, clusters)
         except ValueError:
             continue
@@ -767,7 +776,15 @@ def advise(spark, proposal: Proposal, inputs: AdviceInputs, n_replays: int = DEF
     recommend(table, proposal)
     evidence = {"carryover": carry, "spillover": spill, "expected_rel": expected, "seconds": timings,
                 "expected_from": "proposal" if proposal.expected_effect is not None else "history's elasticities"}
-    return table[list(ADVICE_COLUMNS)], evidence
+    table = table[list(ADVICE_COLUMNS)].copy()
+    for column in ADVICE_COLUMNS:  # the schema of ADVICE_SCHEMA, whatever the candidates held
+        if column in _INTEGER:
+            table[column] = table[column].astype("int64")
+        elif column == "recommended":
+            table[column] = table[column].astype(bool)
+        elif column not in _TEXT:
+            table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
+    return table, evidence
 
 
 def recommend(table: pd.DataFrame, proposal: Proposal) -> None:

@@ -348,7 +348,7 @@ def _remove_known_factors(y: np.ndarray, factors: np.ndarray | None, names: list
     A factor whose fitted effect is implausible (more than MAX_FACTOR_EFFECT x the product's mean
     per unit: an elasticity beyond 5, an event more than doubling sales) is confounded with
     something else in a short history: left out."""
-    if factors is None:
+    if factors is None or not np.any(fit):  # nothing to fit on (a back-test window at the history's start)
         return y, []
     fit_days, fit_y = days[fit], y[fit]
     index = (fit_days - fit_days.max()).astype(np.int64).astype(float)

@@ -797,3 +797,37 @@ def spec_fingerprint(spec: ExperimentSpec) -> str:
         canonical[name] = value.isoformat() if isinstance(value, date) else value
     encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Retiring an ended experiment whose file is gone
+# ----------------------------------------------------------------------------------------------
+
+RETIRED_DIR = "retired_experiments"  # warehouse/retired_experiments/<name>.json, one marker each
+
+
+def retired_names(tables_dir) -> set[str]:
+    """Names retired with `pricelab retire` (their markers under `warehouse/retired_experiments/`)."""
+    directory = Path(tables_dir) / RETIRED_DIR
+    if not directory.is_dir():
+        return set()
+    return {p.name[: -len(".json")] for p in directory.iterdir() if p.name.endswith(".json") and not p.name.startswith(".")}
+
+
+def retire_refusal(name: str, running: dict[str, ExperimentSpec], directory, today: date) -> str | None:
+    """Why experiment `name` may not be retired, or None when it may: it must be running (enrolled,
+    so it keeps its last valid spec), have ended before `today`, and have no file naming it any more."""
+    spec = running.get(name)
+    if spec is None:
+        known = ", ".join(sorted(running)) or "none"
+        return f"{excerpt(name)} is not an enrolled experiment (enrolled: {known[:EXCERPT_CHARS]})"
+    if spec.end >= today:
+        return f"experiment '{name}' has not ended (end {spec.end}, today {today}); only an ended experiment is retired"
+    for path in experiment_file_paths(directory):
+        try:
+            if parse_experiment_file(path).name == name:
+                return f"experiment '{name}' still has a file ({path.name}); remove it first, or keep the experiment"
+        except ExperimentFileError:
+            if path.name == _file_name(spec.source):
+                return f"experiment '{name}' still has a file ({path.name}, refused); remove it first"
+    return None

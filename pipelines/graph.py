@@ -811,3 +811,17 @@ def power_summary(blocks: pd.DataFrame, max_rows: int = 40) -> dict:
     )
     more = f"\n({len(blocks) - max_rows} more blocks)\n" if len(blocks) > max_rows else ""
     return {**summary, "warnings": warnings, "table": header + body + more}
+
+
+def snapshot_dates_needed(default: date, existing: list[date], experiment_starts: list[date]) -> list[date]:
+    """The snapshot dates a build must add: `default` (unless it exists) and, for every experiment
+    start with no snapshot dated on or before it (so none in force at its start), that start.
+    One snapshot at the earliest such start is in force for the later ones too."""
+    have = set(existing)
+    wanted = [] if default in have else [default]
+    have.add(default)
+    for start in sorted(set(experiment_starts)):
+        if not any(d <= start for d in have):
+            wanted.append(start)
+            have.add(start)
+    return sorted(wanted)

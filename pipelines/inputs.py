@@ -14,13 +14,15 @@ keep one row.
 """
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-import pyarrow.parquet as pq
+from pipelines.contract import (  # noqa: F401  (re-exported: callers use pipelines.inputs.*)
+    FUTURE_TOLERANCE_DAYS, INPUT_SUFFIXES, MESSAGE_CHARS, InputError, _file_columns, _input_suffix, _one_line,
+    input_files, input_listing, today_utc,
+)
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -49,24 +51,18 @@ REJECTED_SCHEMA = T.StructType(
 )
 
 
-FUTURE_TOLERANCE_DAYS = 1
-MESSAGE_CHARS = 160
-INPUT_SUFFIXES = (".parquet", ".csv", ".csv.gz")
+def _read_file(spark: SparkSession, path: Path) -> DataFrame:
+    if _input_suffix(path) == ".parquet":
+        return spark.read.parquet(str(path))
+    return spark.read.option("header", True).option("inferSchema", False).csv(str(path))
 
 
-def today_utc() -> date:
-    """Today in UTC, or `PRICELAB_TODAY` (YYYY-MM-DD) when set (tests, replays of past days)."""
-    fixed = os.environ.get("PRICELAB_TODAY")
-    return date.fromisoformat(fixed) if fixed else datetime.now(timezone.utc).date()
-
-
-def _input_suffix(path: Path) -> str | None:
-    lower = path.name.lower()
-    return next((s for s in sorted(INPUT_SUFFIXES, key=len, reverse=True) if lower.endswith(s)), None)
-
-
-class InputError(ValueError):
-    """An input that cannot be used at all (missing, or no file with the required fields)."""
+def _cast(df: DataFrame, columns: dict[str, T.DataType]) -> DataFrame:
+    """Cast required/optional columns to the contract type; originals kept as `_raw_<col>`."""
+    for name, dtype in columns.items():
+        if name in df.columns:
+            df = df.withColumn(f"_raw_{name}", F.col(name).cast("string")).withColumn(name, F.col(name).try_cast(dtype))
+    return df
 
 
 @dataclass
@@ -78,81 +74,6 @@ class LoadedInput:
     rejected: DataFrame
     refused_files: list[str] = field(default_factory=list)
     raw: DataFrame | None = None
-
-
-def input_listing(data_dir: Path, name: str) -> tuple[list[Path], list[str]]:
-    """The Parquet/CSV files making up input `name` (`<name>.parquet|.csv|.csv.gz` in any case,
-    or a directory of such files), sorted, and one message per other visible file of that
-    directory (refused, never silently skipped). Hidden and `_`-prefixed files are ignored
-    (Spark's `_SUCCESS`, `.crc`)."""
-    root = Path(data_dir) / "input"
-    files: list[Path] = []
-    ignored: list[str] = []
-    if root.is_dir():
-        files.extend(
-            p for p in root.iterdir()
-            if p.is_file() and _input_suffix(p) and p.name[: -len(_input_suffix(p))] == name
-        )
-    directory = root / name
-    if directory.is_dir():
-        for p in sorted(directory.rglob("*")):
-            if not p.is_file() or any(part.startswith((".", "_")) for part in p.relative_to(directory).parts):
-                continue
-            if _input_suffix(p):
-                files.append(p)
-            else:
-                ignored.append(f"{p}: not a data file (only {', '.join(INPUT_SUFFIXES)} are read); ignored")
-    return sorted(files), ignored
-
-
-def input_files(data_dir: Path, name: str) -> list[Path]:
-    """The Parquet/CSV files making up input `name` (a file or a directory of files), sorted."""
-    return input_listing(data_dir, name)[0]
-
-
-def _file_columns(path: Path) -> list[str]:
-    """The file's column names; raises on a file that cannot be read (e.g. a corrupt footer)."""
-    suffix = _input_suffix(path)
-    if suffix == ".parquet":
-        metadata = pq.read_metadata(path)  # footer and every row group's bounds
-        size = path.stat().st_size
-        for i in range(metadata.num_row_groups):
-            group = metadata.row_group(i)
-            for j in range(group.num_columns):
-                chunk = group.column(j)
-                first = chunk.dictionary_page_offset if chunk.has_dictionary_page and chunk.dictionary_page_offset else chunk.data_page_offset
-                if first < 4 or first + chunk.total_compressed_size > size - 8:
-                    raise ValueError(f"row group {i} column {j} points outside the file (truncated?)")
-        names = list(metadata.schema.to_arrow_schema().names)
-        # decode every page once (streaming, one batch at a time): a file whose pages are
-        # corrupt is refused here, alone, rather than failing the Spark job that reads them all
-        handle = pq.ParquetFile(path)
-        for batch in handle.iter_batches(batch_size=1 << 16):
-            del batch
-        return names
-    opener = gzip.open if suffix == ".csv.gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        header = handle.readline().strip()
-    return [c.strip().strip('"') for c in header.split(",")] if header else []
-
-
-def _read_file(spark: SparkSession, path: Path) -> DataFrame:
-    if _input_suffix(path) == ".parquet":
-        return spark.read.parquet(str(path))
-    return spark.read.option("header", True).option("inferSchema", False).csv(str(path))
-
-
-def _one_line(exc: Exception) -> str:
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + "...(cut)"
-
-
-def _cast(df: DataFrame, columns: dict[str, T.DataType]) -> DataFrame:
-    """Cast required/optional columns to the contract type; originals kept as `_raw_<col>`."""
-    for name, dtype in columns.items():
-        if name in df.columns:
-            df = df.withColumn(f"_raw_{name}", F.col(name).cast("string")).withColumn(name, F.col(name).try_cast(dtype))
-    return df
 
 
 def read_input(

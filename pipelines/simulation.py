@@ -1114,7 +1114,25 @@ def write_demo_inputs(data_dir: str | os.PathLike, config: MarketConfig = DEMO_C
     for file_name, text in experiments.items():
         write_text(text, root / "input" / "experiments" / file_name)
     print(f"  experiments: {', '.join(sorted(experiments))}")
+    for file_name, text in demo_proposals(config).items():
+        write_text(text, root / "input" / "proposals" / file_name)
+        print(f"  proposal (for advise_job): {file_name}")
     return root
+
+
+def demo_proposals(config: MarketConfig = MarketConfig()) -> dict[str, str]:
+    """One demo proposal for the design advisor (file name -> YAML text): a 5% price cut for six
+    weeks on the first category no demo experiment uses, every design and unit as candidates."""
+    if len(config.categories) < 5:
+        return {}
+    first_day = config.history_end + timedelta(days=1)
+    start = first_day + timedelta(days=(7 - first_day.weekday()) % 7)
+    category = config.categories[4]
+    body = {"name": f"cut-5-{category}", "start": start, "end": start + timedelta(days=41),
+            "population": {"categories": [category]}, "treatment": {"price_change": -0.05},
+            "trigger_event": TRIGGER_EVENT, "phase_days": 14, "seed": 17}
+    text = "# pricelab demo proposal (advise_job answers it; it publishes nothing)\n"
+    return {f"{body['name']}.yaml": text + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)}
 
 
 def main(argv: list[str] | None = None) -> int:

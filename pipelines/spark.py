@@ -19,21 +19,29 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-# Sized for a 2-core laptop-class machine and small daily data; override with `conf`.
-LOCAL_DEFAULTS = {
-    "spark.sql.shuffle.partitions": "8",
-    "spark.default.parallelism": "4",
-    "spark.sql.session.timeZone": "UTC",
+# Settings that results depend on, or that every run needs: applied on EVERY master (local,
+# standalone, YARN, Kubernetes) and, where a running session accepts them, on Spark Connect.
+EVERYWHERE = {
+    "spark.sql.session.timeZone": "UTC",  # dates and days are UTC days everywhere
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.sql.adaptive.enabled": "true",
-    "spark.ui.enabled": "false",
-    "spark.ui.showConsoleProgress": "false",
-    "spark.driver.memory": "4g",
     "spark.sql.legacy.timeParserPolicy": "CORRECTED",
+    "spark.ui.showConsoleProgress": "false",
+}
+
+# Sized for a 2-core laptop-class machine and small daily data: applied on `local[*]` only (a
+# cluster keeps its own sizes unless configured, see SparkResource); override with `conf`.
+LOCAL_SIZING = {
+    "spark.sql.shuffle.partitions": "8",
+    "spark.default.parallelism": "4",
+    "spark.driver.memory": "4g",
+    "spark.ui.enabled": "false",
     # An embedded session listens on loopback only.
     "spark.driver.host": "127.0.0.1",
     "spark.driver.bindAddress": "127.0.0.1",
 }
+
+LOCAL_DEFAULTS = {**EVERYWHERE, **LOCAL_SIZING}
 
 # Delta Lake in a session: its SQL extension (CONVERT TO DELTA, DESCRIBE HISTORY, time travel)
 # and its catalog. Set on every master when Delta's jar is on the classpath (`delta_requested`).
@@ -57,6 +65,51 @@ RUNTIME_SQL_SETTINGS = (
     "spark.sql.execution.arrow.pyspark.enabled",
     "spark.sql.adaptive.enabled",
 )
+# ... of which these matter on any Connect server (the rest is local sizing)
+RUNTIME_EVERYWHERE = tuple(k for k in RUNTIME_SQL_SETTINGS if k in EVERYWHERE)
+
+# What pandas UDFs (applyInPandas: graph blocks, Leiden, estimation) import on the executors.
+WORKER_MODULES = ("numpy", "pandas", "pyarrow", "igraph", "sklearn", "econml", "pipelines")
+
+
+class SparkWorkerPythonError(RuntimeError):
+    """The executors' Python cannot run pricelab's pandas UDFs."""
+
+
+def check_worker_python(spark: SparkSession, where: str, modules: tuple[str, ...] = WORKER_MODULES) -> str:
+    """Run one tiny pandas UDF that imports `modules` on an executor; the executor's Python path.
+
+    Raises SparkWorkerPythonError with one line saying what to do (a Spark Connect server, or a
+    cluster's workers, must run pandas UDFs with a Python that has this venv's packages)."""
+    import pandas as pd
+
+    def probe(frames):
+        import importlib
+        import sys as worker_sys
+
+        missing = []
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001 - reported back to the driver
+                missing.append(f"{name} ({type(exc).__name__})")
+        for _ in frames:
+            yield pd.DataFrame({"python": [worker_sys.executable], "missing": [", ".join(missing)]})
+
+    try:
+        row = spark.range(1).mapInPandas(probe, "python string, missing string").collect()[0]
+    except Exception as exc:  # the worker could not even start (no pandas/pyarrow, wrong Python)
+        first = " ".join(str(exc).split())[:200]
+        raise SparkWorkerPythonError(
+            f"{where}: pandas UDFs fail on its Python workers ({type(exc).__name__}: {first}); start the server "
+            f"with PYSPARK_PYTHON set to a Python with pricelab's packages, e.g. this venv's {sys.executable}"
+        ) from None
+    if row["missing"]:
+        raise SparkWorkerPythonError(
+            f"{where}: its Python workers ({row['python']}) lack {row['missing']}; pandas UDFs need the venv's "
+            f"packages: start the server with PYSPARK_PYTHON={sys.executable} (or a Python with the same packages)"
+        )
+    return row["python"]
 
 
 def jar_files(directory: str | Path | None) -> list[str]:
@@ -64,6 +117,21 @@ def jar_files(directory: str | Path | None) -> list[str]:
     if directory is None or not Path(directory).is_dir():
         return []
     return sorted(str(path.resolve()) for path in Path(directory).glob("*.jar"))
+
+
+def session_settings(master: str, jars: list[str] | None = None, conf: dict[str, str] | None = None) -> dict[str, str]:
+    """What a classic session on `master` is built with: EVERYWHERE on every master, LOCAL_SIZING
+    on `local[...]` only, the jars, Delta's settings when its jar is there, then `conf` (which wins)."""
+    local = master.startswith("local")
+    settings = dict(LOCAL_DEFAULTS) if local else dict(EVERYWHERE)
+    if jars:
+        settings["spark.jars"] = ",".join(jars)
+    if delta_requested(jars or [], conf):
+        settings.update(DELTA_SETTINGS)
+        if local:
+            settings.update(DELTA_LOCAL_SETTINGS)
+    settings.update(conf or {})
+    return settings
 
 
 def delta_requested(jars: list[str], conf: dict[str, str] | None) -> bool:
@@ -97,26 +165,25 @@ def get_spark(
     if remote:
         builder = builder.remote(remote)
     else:
-        if master.startswith("local"):
+        local = master.startswith("local")
+        if local:
             os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = builder.master(master)
-        settings = dict(LOCAL_DEFAULTS) if master.startswith("local") else {}
-        if jars:
-            settings["spark.jars"] = ",".join(jars)
-        if delta_requested(jars, conf):
-            settings.update(DELTA_SETTINGS)
-            if master.startswith("local"):
-                settings.update(DELTA_LOCAL_SETTINGS)
-        settings.update(conf or {})
-        for key, value in settings.items():
+        for key, value in session_settings(master, jars, conf).items():
             builder = builder.config(key, value)
     spark = builder.getOrCreate()
     if not remote:
         spark.sparkContext.setLogLevel("ERROR")
-    elif remote.startswith("local"):
-        # an embedded Spark Connect server (`sc://` without a host): same small-machine defaults
-        for key in RUNTIME_SQL_SETTINGS:
-            spark.conf.set(key, (conf or {}).get(key, LOCAL_DEFAULTS[key]))
+    else:
+        # a running Connect server: the settings that matter always; the small-machine sizes only
+        # on an embedded server (`local`); `conf` wins for the keys a running session accepts
+        keys = RUNTIME_SQL_SETTINGS if remote.startswith("local") else RUNTIME_EVERYWHERE
+        runtime = {key: LOCAL_DEFAULTS[key] for key in keys}
+        runtime.update({k: v for k, v in (conf or {}).items() if k in RUNTIME_SQL_SETTINGS})
+        for key, value in runtime.items():
+            spark.conf.set(key, value)
+        if os.environ.get("PRICELAB_SKIP_WORKER_CHECK", "") != "1":
+            check_worker_python(spark, f"Spark Connect server {remote}")
     return spark
 
 

@@ -280,3 +280,18 @@ def test_edge_recovery_and_weight_kept_definitions():
     assert result["precision"] == 0.5 and result["recall"] == 0.5 and result["recall_all"] == pytest.approx(1 / 3)
     clusters = pd.DataFrame({"product_id": ["a", "b", "c"], "cluster_id": ["a", "a", "c"]})  # d missing
     assert weight_kept_inside(clusters, true) == pytest.approx(0.6 / 1.2)
+
+
+def test_snapshot_dates_needed_gives_every_experiment_a_snapshot_in_force_at_its_start():
+    from datetime import date as d
+
+    from pipelines.graph import snapshot_dates_needed
+
+    # default after the experiments: the earliest start gets one, which is in force for the later ones
+    assert snapshot_dates_needed(d(2025, 7, 1), [], [d(2025, 6, 9), d(2025, 6, 2)]) == [d(2025, 6, 2), d(2025, 7, 1)]
+    # an existing snapshot before every start: only the default is added
+    assert snapshot_dates_needed(d(2025, 7, 1), [d(2025, 5, 1)], [d(2025, 6, 2)]) == [d(2025, 7, 1)]
+    # everything exists: nothing to build
+    assert snapshot_dates_needed(d(2025, 7, 1), [d(2025, 7, 1), d(2025, 6, 2)], [d(2025, 6, 2)]) == []
+    # an experiment before the only existing snapshot gets its own
+    assert snapshot_dates_needed(d(2025, 7, 1), [d(2025, 7, 1)], [d(2025, 3, 3)]) == [d(2025, 3, 3)]

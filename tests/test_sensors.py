@@ -157,3 +157,23 @@ def test_daily_schedule_publishes_the_partition_of_the_tick_day(defs, tick_time)
     when = dt.datetime.fromisoformat(tick_time)
     data = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=when))
     assert [r.partition_key for r in data.run_requests] == [when.date().isoformat()]  # today, not yesterday
+
+
+def test_first_tick_after_a_restart_does_not_rerun_when_nothing_changed(data_dir):
+    """No cursor yet (a fresh `dagster dev`), but the last `experiments` run read these very files
+    (its `file_digests` metadata, e.g. from `make demo`): skip, and adopt them as the cursor."""
+    write_experiment(data_dir, "a.yaml", "a")
+    instance = dg.DagsterInstance.ephemeral()
+    digests = experiment_file_digests(data_dir / "input" / "experiments")
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(EXPERIMENTS_ASSET_KEY, metadata={"file_digests": dg.MetadataValue.json(digests)})
+    )
+    resources = {"warehouse": WarehouseResource(data_dir=str(data_dir))}
+    outcome = experiment_files_sensor(dg.build_sensor_context(cursor=None, instance=instance, resources=resources))
+    assert isinstance(outcome, dg.SensorResult) and not outcome.run_requests
+    assert "since the last experiments run" in outcome.skip_reason.skip_message
+    assert json.loads(outcome.cursor) == digests
+    # an edit made while the UI was down is still seen at the first tick
+    write_experiment(data_dir, "a.yaml", "a", price_change=-0.1)
+    outcome = experiment_files_sensor(dg.build_sensor_context(cursor=None, instance=instance, resources=resources))
+    assert len(outcome.run_requests) == 1 and "changed: a.yaml" in outcome.run_requests[0].tags["pricelab/experiment_files"]

@@ -1,0 +1,70 @@
+"""What the UI shows is true: kinds on every asset, row counts, checks on the daily assets per
+partition, and in-process runs (make demo, pricelab) labelled with their code location so the UI
+lists them under their jobs."""
+from __future__ import annotations
+
+import dagster as dg
+from dagster._core.storage.tags import REPOSITORY_LABEL_TAG
+
+from tests.test_standalone_cluster import prepared_market
+
+CHECKS = {"assignment_contract", "units_move_together", "experiments_published"}
+
+
+def test_every_asset_has_kinds():
+    from jobs.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    kinds = {key.to_user_string(): graph.get(key).kinds for key in graph.get_all_asset_keys()}
+    assert kinds and all(kinds.values()), {k: v for k, v in kinds.items() if not v}
+    assert "spark" in kinds["daily_assignments"] and "spark" in kinds["substitution_graph"]
+
+
+def test_in_process_runs_carry_the_code_location_label(tmp_path):
+    from jobs.runs import REPOSITORY_LABEL, run_tags
+
+    assert run_tags()[REPOSITORY_LABEL_TAG] == REPOSITORY_LABEL == "__repository__@jobs.definitions"
+    # the label the UI filters a job's runs by, for the code location of workspace.yaml
+    from pathlib import Path
+
+    import yaml
+
+    workspace = yaml.safe_load((Path(__file__).resolve().parents[1] / "workspace.yaml").read_text())
+    assert workspace["load_from"][0]["python_module"]["module_name"] == "jobs.definitions"
+
+
+def _publish(root, instance, **kwargs):
+    from assets.assignments import daily_assignments
+    from jobs.resources import SparkResource, WarehouseResource
+
+    return dg.materialize([daily_assignments], instance=instance, raise_on_error=False,
+                          resources={"spark": SparkResource(), "warehouse": WarehouseResource(data_dir=str(root))}, **kwargs)
+
+
+def test_checks_on_daily_assignments_are_per_partition_with_row_counts(spark, tmp_path):
+    root = prepared_market(tmp_path)
+    instance = dg.DagsterInstance.ephemeral()
+    single = _publish(root, instance, partition_key="2025-06-09")
+    assert single.success
+    evaluations = [e.asset_check_evaluation_data for e in single.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert {(e.check_name, e.partition) for e in evaluations} == {(c, "2025-06-09") for c in CHECKS}
+    materialization = single.asset_materializations_for_node("daily_assignments")[0]
+    assert materialization.metadata["dagster/row_count"].value == 24  # both experiments, 12 products each
+    # a range run (a backfill) records each check on every day of the range too
+    ranged = _publish(root, instance, tags={"dagster/asset_partition_range_start": "2025-06-10",
+                                            "dagster/asset_partition_range_end": "2025-06-12"})
+    assert ranged.success
+    per_day = _check_partitions(instance)
+    assert {d: per_day.get(d, set()) for d in ("2025-06-09", "2025-06-10", "2025-06-11", "2025-06-12")} == {
+        d: CHECKS for d in ("2025-06-09", "2025-06-10", "2025-06-11", "2025-06-12")}
+
+
+def _check_partitions(instance) -> dict[str, set[str]]:
+    """day -> checks evaluated on it, from the instance's event log."""
+    records = instance.get_event_records(dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION))
+    out: dict[str, set[str]] = {}
+    for record in records:
+        data = record.event_log_entry.dagster_event.event_specific_data
+        if data.partition:
+            out.setdefault(data.partition, set()).add(data.check_name)
+    return out

@@ -10,7 +10,8 @@ from assets.checks import run_metadata
 from assets.kinds import DELTA_TABLE
 from assets.inputs import load_checked_sales, sales_check_specs
 from assets.mode import demo_mode
-from pipelines import estimation, graph, spillover
+from pipelines import balance, estimation, graph, spillover
+from pipelines import metrics as metric_rules
 from pipelines.progress import Progress, spark_progress
 from pipelines import experiments as experiment_files
 
@@ -42,11 +43,65 @@ def experiment_sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     )
 
 
+SAMPLE_RATIO_CHECK = "sample_ratio_mismatch"
+RESULTS_HISTORY = "experiment_results_history"  # as_of=YYYY-MM-DD/: each refresh's experiment_results
+EFFECT_OVER_TIME = "effect_over_time"
+BALANCE_CHECK = "pre_period_balance"
+
+
+def _sales_days_per_unit(warehouse, spark):
+    """Per experiment, unit and arm: published non-blackout product-days and those with a sales row."""
+    published = warehouse.read(spark, "daily_assignments").where(~F.col("blackout"))
+    sold = warehouse.read(spark, "experiment_sales").select("product_id", "date").distinct().withColumn("sold", F.lit(1))
+    return (published.join(sold, ["product_id", "date"], "left")
+            .groupBy("experiment", "unit_id", "arm")
+            .agg(F.count("*").alias("published"), F.count("sold").alias("with_sales"))
+            .toPandas())
+
+
+def _checks(warehouse, spark, specs: pd.DataFrame) -> list[dg.AssetCheckResult]:
+    """SRM (blocking at p < 0.001, warning at p < 0.01) and pre-period balance (|SMD| >= 0.1 warns),
+    rules in `pipelines.balance`."""
+    srm = balance.srm_table(_sales_days_per_unit(warehouse, spark), specs)
+    verdicts = set(srm["verdict"]) if not srm.empty else set()
+    srm_failed = srm[srm["verdict"] != "ok"] if not srm.empty else srm
+    smd = balance.balance_table(warehouse.read(spark, "first_differences").toPandas(), specs)
+    unbalanced = smd[smd["warn"]]
+    describe = lambda rows: rows.to_markdown(index=False, floatfmt=".4g") if len(rows) else "none"  # noqa: E731
+    return [
+        dg.AssetCheckResult(
+            check_name=SAMPLE_RATIO_CHECK, passed=not len(srm_failed),
+            severity=dg.AssetCheckSeverity.ERROR if "block" in verdicts else dg.AssetCheckSeverity.WARN,
+            metadata={
+                "failed": dg.MetadataValue.md(
+                    "\n".join(f"- **{r.experiment}**: {r.verdict} (p = {r.p:.2g}; units {r.units_treated}/{r.units_control} "
+                              f"treated/control, expected share {r.expected_treated_share:.0%}; sales on "
+                              f"{r.sales_day_share_treated:.1%} / {r.sales_day_share_control:.1%} of published days)"
+                              for r in srm_failed.itertuples()) or "none"),
+                "tests": dg.MetadataValue.md(describe(srm)),
+                "rule": f"chi-square on units with sales per arm and unit-level test of days with sales, Bonferroni; "
+                        f"block p < {balance.SRM_BLOCK_P}, warn p < {balance.SRM_WARN_P}",
+            },
+        ),
+        dg.AssetCheckResult(
+            check_name=BALANCE_CHECK, passed=not len(unbalanced), severity=dg.AssetCheckSeverity.WARN,
+            metadata={"unbalanced": dg.MetadataValue.md(describe(unbalanced)), "smd": dg.MetadataValue.md(describe(smd)),
+                      "rule": f"|standardised mean difference| of pre-period mean units and price >= {balance.SMD_WARN} warns"},
+        ),
+    ]
+
+
 @dg.asset(
     group_name="results",
     kinds=DELTA_TABLE,
     deps=["experiment_sales", "daily_assignments", "experiments", "catalog", "trigger_events"],
     required_resource_keys={"spark", "warehouse"},
+    check_specs=[
+        dg.AssetCheckSpec(SAMPLE_RATIO_CHECK, asset="first_differences", blocking=True,
+                          description="units and days with sales per arm match the design (blocking at p < 0.001)"),
+        dg.AssetCheckSpec(BALANCE_CHECK, asset="first_differences",
+                          description="pre-period mean units and price balanced between arms (|SMD| < 0.1)"),
+    ],
 )
 def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Per experiment and product: the first difference against the counterfactual its pool's
@@ -54,24 +109,27 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     specs = warehouse.read(spark, "experiments").toPandas()
     designs = dict(zip(specs["name"], specs["design"]))
-    metrics = dict(zip(specs["name"], specs["metric"]))
+    parsed = experiment_files.frame_to_specs(specs)
+    metrics = {s.name: list(s.all_metrics) for s in parsed}
+    catalog = warehouse.read(spark, "catalog")
     fd = estimation.first_differences(
         warehouse.read(spark, "experiment_sales"),
         warehouse.read(spark, "daily_assignments"),
         designs,
         metrics,
-        catalog=warehouse.read(spark, "catalog"),  # short-history products pool within their subclass
+        catalog=catalog,  # short-history products pool within their subclass
         events=warehouse.read(spark, "trigger_events") if warehouse.exists("trigger_events") else None,
+        unit_costs=_unit_costs(spark, parsed, catalog),
     )
     warehouse.write(fd, "first_differences")
     stored = warehouse.read(spark, "first_differences")
     enrolled = warehouse.read(spark, "daily_assignments").groupBy("experiment").agg(F.countDistinct("product_id").alias("enrolled"))
     per_experiment = (
-        stored.groupBy("experiment", "arm").count().groupBy("experiment").pivot("arm").sum("count")
+        stored.select("experiment", "arm", "product_id").distinct().groupBy("experiment", "arm").count().groupBy("experiment").pivot("arm").sum("count")
         .join(enrolled, "experiment", "right").fillna(0).toPandas()
     )
     context.log.info("first differences per experiment:\n" + per_experiment.to_string(index=False))
-    chosen = stored.groupBy("experiment", "counterfactual").count().toPandas()
+    chosen = stored.groupBy("experiment", "counterfactual").agg(F.countDistinct("product_id").alias("count")).toPandas()
     counterfactuals = {name: dict(zip(rows["counterfactual"], rows["count"].astype(int)))
                        for name, rows in chosen.groupby("experiment")}
     return dg.MaterializeResult(
@@ -80,8 +138,21 @@ def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult
             "counterfactual_chosen": dg.MetadataValue.json(counterfactuals),  # products per back-test winner
             "note": "products enrolled but without a first difference lack pre-period history or window days",
             **run_metadata(spark, stored.count()),
-        }
+        },
+        check_results=_checks(warehouse, spark, specs),
     )
+
+
+def _unit_costs(spark, specs, catalog):
+    """(experiment, product_id, unit_cost, margin_rate) of the experiments measuring profit
+    (`metrics.unit_costs`: the file's `costs`, else the catalogue's unit_cost), or None."""
+    wanted = [s for s in specs if "profit" in s.all_metrics]
+    if not wanted:
+        return None
+    columns = ["product_id", "category"] + (["unit_cost"] if "unit_cost" in catalog.columns else [])
+    rows = catalog.select(*columns).toPandas()
+    frames = [metric_rules.unit_costs(s.costs, rows).assign(experiment=s.name) for s in wanted]
+    return spark.createDataFrame(pd.concat(frames, ignore_index=True)[["experiment", "product_id", "unit_cost", "margin_rate"]])
 
 
 def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.DataFrame):
@@ -106,9 +177,11 @@ def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.D
             blocks = warehouse.read(spark, graph.BLOCKS_TABLE, snapshot).toPandas() if warehouse.exists(graph.BLOCKS_TABLE, snapshot) else None
             edges = spillover.exposure_edges(warehouse.read(spark, "substitution_graph", snapshot).toPandas(), blocks, catalog)
             units = warehouse.read(spark, "enrolments", ("experiment", spec.name)).drop("experiment").toPandas()
-        found = spillover.experiment_spillover(fd[fd["experiment"] == spec.name], spec,
+        # the spillover is estimated on the primary metric and reported on its rows
+        primary = (fd["experiment"] == spec.name) & (fd["metric"] == spec.all_metrics[0])
+        found = spillover.experiment_spillover(fd[primary], spec,
                                                published_all[published_all["experiment"] == spec.name], edges, units)
-        mask = results["experiment"] == spec.name
+        mask = (results["experiment"] == spec.name) & (results["metric"] == spec.all_metrics[0])
         for column in ("spillover_effect", "spillover_se", "spillover_ci_low", "spillover_ci_high", "spillover_ipw", "spillover_ipw_se"):
             results.loc[mask, column] = found[column]
         if found["ipw_message"].startswith("not estimated"):
@@ -168,11 +241,17 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
         context.log.warning(f"experiment '{name}' not estimated: {why}")
     exposure, spillover_notes = _add_spillover(context, results, fd, specs)
     warehouse.write(results, "experiment_results")
+    # history (issue 16): every refresh's results under its as_of day, never touched by a later
+    # refresh (a rerun of the same day rewrites that day only); the cumulative effect by day since start
+    warehouse.write(results, RESULTS_HISTORY, ("as_of", str(as_of)))
+    over_time = estimation.effect_over_time(fd, specs, as_of, clusters=clusters)
+    warehouse.write(over_time, EFFECT_OVER_TIME)
     warehouse.write(exposure, "spillover_exposure")
     heterogeneity = {}
-    for (name, estimator), model in sorted(models.items()):
-        if estimator != "hpte":
+    for key, model in sorted(models.items()):
+        if len(key) != 2 or key[1] != "hpte":  # heterogeneity of the primary metric
             continue
+        name = key[0]
         top = model.heterogeneity_.head(12)
         heterogeneity[name] = (
             f"**{name}**: {model.n_trimmed_} trimmed, {model.n_leaves_skipped_} of {model.n_leaves_} leaves "
@@ -182,17 +261,20 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
         metadata={
             "as_of": str(as_of),
             "estimated": len(results),
+            "history": dg.MetadataValue.json(warehouse.partitions(RESULTS_HISTORY, "as_of")),
             "not_estimated": dg.MetadataValue.json(problems),
             "results": dg.MetadataValue.md(
                 "\n".join(
-                    f"- **{r.experiment}** ({r.estimator}): {r.effect:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+                    f"- **{r.experiment}** {r.metric} ({r.estimator}): {r.effect:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
+                    f"relative {r.relative_effect:+.1%} [{r.ci_low_rel:+.1%}, {r.ci_high_rel:+.1%}], Holm p {r.p_holm:.3f}"
+                    + (f", guardrail {r.guardrail_status}" if r.guardrail_status else "")
                     for r in results.itertuples()
                 )
             ),
             "heterogeneity": dg.MetadataValue.md("\n\n".join(heterogeneity.values()) or "no HPTE fit"),
             "precision": dg.MetadataValue.md(
                 "\n".join(
-                    f"- **{r.experiment}** ({r.estimator}): counterfactual {r.counterfactual}; regression adjustment "
+                    f"- **{r.experiment}** {r.metric} ({r.estimator}): counterfactual {r.counterfactual}; regression adjustment "
                     f"removed {r.variance_reduction:.0%} of the variance"
                     + (f"; carryover {r.carryover_estimate:+.3f} (SE {r.carryover_se:.3f}){' FLAGGED' if r.carryover_flag else ''}"
                        if pd.notna(r.carryover_estimate) else "")

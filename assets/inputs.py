@@ -155,7 +155,9 @@ def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     is refused or gone, their last valid spec. The run fails when files exist but none is usable.
     """
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
-    known = warehouse.read(spark, "catalog").select("product_id", "category", "subclass").toPandas()
+    catalog_rows = warehouse.read(spark, "catalog")
+    # unit_cost (optional): profit's unit cost, checked against each experiment's metrics
+    known = catalog_rows.select("product_id", "category", "subclass", *[c for c in ("unit_cost",) if c in catalog_rows.columns]).toPandas()
     registry = read_registry(warehouse)
     previous = warehouse.read(spark, "experiments").toPandas() if warehouse.exists("experiments") else None
     directory = warehouse.input_dir / "experiments"

@@ -5,6 +5,8 @@ import base64
 import dagster as dg
 
 from assets.mode import demo_mode
+from assets.estimation import EFFECT_OVER_TIME
+from pipelines import experiments as experiment_files
 from pipelines import graph, report
 
 
@@ -33,13 +35,26 @@ def experiment_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult
     if snapshots:
         blocks = warehouse.read(spark, graph.BLOCKS_TABLE, ("snapshot_date", snapshots[-1])).toPandas()
         graph_power = {**graph.power_summary(blocks), "snapshot_date": snapshots[-1]}
-    text = report.report_markdown(table, problems, as_of, exposure, graph_power)
+    sentences = {}
+    for spec in experiment_files.frame_to_specs(specs):
+        rows = results[results["experiment"] == spec.name]
+        if len(rows):
+            sentences[spec.name] = report.business_sentence(spec, rows)
+    over_time = warehouse.read(spark, EFFECT_OVER_TIME).toPandas() if warehouse.exists(EFFECT_OVER_TIME) else None
+    has_over_time = over_time is not None and not over_time.empty
+    if has_over_time:
+        truth_rel = table[["experiment", "metric", "true_relative"]].drop_duplicates() if "true_relative" in table.columns else None
+        warehouse.write_file("report/effect_over_time.png", report.effect_over_time_png(over_time, truth_rel))
+    text = report.report_markdown(table, problems, as_of, exposure, graph_power, sentences=sentences, over_time=has_over_time)
     advice = warehouse.tables_dir / "report" / "design_advice.md"  # design_advice's section, when it ran
     if advice.exists():
         text = text.rstrip("\n") + "\n\n" + advice.read_text()
     path = warehouse.write_file("report/report.md", text)
+    for name, sentence in sentences.items():
+        context.log.info(f"{name}: {sentence}")
     context.log.info("experiment results:\n" + report.format_table(table))
-    metadata = {"report": dg.MetadataValue.path(str(path)), "table": dg.MetadataValue.md(report.format_table(table))}
+    metadata = {"report": dg.MetadataValue.path(str(path)), "table": dg.MetadataValue.md(report.format_table(table)),
+                "decisions": dg.MetadataValue.md("\n\n".join(f"**{n}**: {s}" for n, s in sentences.items()) or "none")}
     if picture:
         metadata["effects"] = dg.MetadataValue.md(f"![effects](data:image/png;base64,{base64.b64encode(picture).decode()})")
     return dg.MaterializeResult(metadata=metadata)

@@ -58,7 +58,9 @@ def simulator_truth(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     world = _world(warehouse)
     published = warehouse.read(spark, "daily_assignments").toPandas()
-    truth = simulation.true_effects(world, published)
+    costs_known = bool(simulation.unit_costs(world)["unit_cost"].notna().all())
+    metrics = simulation.TRUTH_METRICS if costs_known else ("units", "revenue")  # worlds saved before unit costs
+    truth = simulation.true_effects(world, published, metrics=metrics)
     warehouse.write(truth, "simulator_truth")
     return dg.MaterializeResult(
         metadata={"truth": dg.MetadataValue.md(report.format_table(truth))}

@@ -19,7 +19,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 import dagster as dg  # noqa: E402
 
-from pipelines import report, simulation  # noqa: E402
+from pipelines import experiments, report, simulation  # noqa: E402
 from pipelines.spark import get_spark  # noqa: E402
 from pipelines.storage import Warehouse  # noqa: E402
 
@@ -79,15 +79,20 @@ def main() -> int:
     truth = warehouse.read(spark, "simulator_truth").toPandas() if warehouse.exists("simulator_truth") else None
     table = report.results_table(results, truth, specs)
     print()
-    print("Experiment results: effect = change in units per product-day, with its 95% interval. true_effect is the")
-    print("simulator's truth for what the design measures: randomising products measures the DIRECT effect (own price,")
-    print("neighbours as assigned); randomising whole substitute clusters measures the GLOBAL effect (all treated vs")
-    print("none: substitutes' price cuts cannibalise each other, so it is far smaller here). true_spillover is the")
-    print("simulator's spillover on the controls, beside the spillover estimate from the controls' forecasts (time-bound and")
-    print("triggered designs; spillover_ipw is the graph-based IPW contrast beside it).")
-    print(report.format_table(table))
+    print("Experiment results, one row per experiment, metric and estimator: effect = change per product-day in the")
+    print("metric's units (units; revenue and profit in money), relative_effect = effect over the counterfactual mean of")
+    print("the treated product-days, each with its 95% interval. true_effect / true_relative are the simulator's truth for")
+    print("what the design measures: randomising products measures the DIRECT effect (own price, neighbours as assigned);")
+    print("randomising whole substitute clusters measures the GLOBAL effect (all treated vs none: substitutes' price cuts")
+    print("cannibalise each other, so it is far smaller here). p_holm: Holm-adjusted across the experiment's metrics.")
+    print(report.format_table(report.decision_table(table)))
     print()
-    print(f"Report: {warehouse.tables_dir / 'report' / 'report.md'} (picture: effects.png beside it)")
+    for spec in experiments.frame_to_specs(specs):
+        rows = results[results["experiment"] == spec.name]
+        if len(rows):
+            print(f"{spec.name}: {report.business_sentence(spec, rows)}")
+    print()
+    print(f"Report: {warehouse.tables_dir / 'report' / 'report.md'} (pictures: effects.png, effect_over_time.png beside it)")
     _step("done", started)
     print("Open the UI (asset graph, lineage, checks, schedules, these runs):")
     print("  make ui        # = DAGSTER_HOME=$PWD/.dagster_home .venv/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000")

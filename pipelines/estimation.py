@@ -18,6 +18,7 @@ returns self, learned attributes end with `_`.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from scipy import sparse
+
+from pipelines import metrics as metric_rules
 
 SWITCHBACK_DESIGNS = ("random_days", "crossover")
 BETWEEN_DESIGNS = ("time_bound", "triggered")
@@ -64,6 +67,18 @@ FIRST_DIFFERENCE_SCHEMA = T.StructType(
         T.StructField("carryover_difference", T.DoubleType()),
         T.StructField("after_treated_share", T.DoubleType()),
         T.StructField("known_factors", T.StringType()),
+        # issue 16: the metric of this row, and the observed mean of the metric on the product's
+        # treated analysed days (NaN for a between design's controls): the relative effect's level
+        T.StructField("metric", T.StringType()),
+        T.StructField("treated_mean", T.DoubleType()),
+        T.StructField("pre_price", T.DoubleType()),  # mean pre-period price (balance check)
+        # effect over time (issue 16): the first difference and the treated days' mean from the
+        # product's first CUMULATIVE_STEP_DAYS, 2x, ... window days on (the last: the whole window);
+        # per candidate, candidate-major, until `choose_counterfactual` keeps the chosen one's
+        T.StructField("cumulative_days", T.ArrayType(T.IntegerType())),
+        T.StructField("candidate_cumulative", T.ArrayType(T.DoubleType())),
+        T.StructField("cumulative_fd", T.ArrayType(T.DoubleType())),
+        T.StructField("cumulative_treated_mean", T.ArrayType(T.DoubleType())),
     ]
 )
 
@@ -77,6 +92,7 @@ FIRST_DIFFERENCE_SCHEMA = T.StructType(
 COUNTERFACTUALS = ("trend+seasonality", "pooled", "level_2w", "level_4w", "level_8w", "level_4w+weekday", "blend")
 BLENDED = ("trend+seasonality", "level_4w+weekday")  # "blend" is the mean of these two predictions
 # covariates of the regression adjustment (CUPED-style), when present in the first differences
+CUMULATIVE_STEP_DAYS = 7  # effect over time: first differences from every week of window days on
 MIN_FACTOR_DAYS = 7  # pre-period days a known factor must move on to be fitted
 MAX_FACTOR_EFFECT = 5.0  # largest plausible known-factor effect, in units per unit of factor, x the product's mean
 ADJUSTMENT_COVARIATES = ("pre_mean", "recent_mean", "placebo", "recent_gap")
@@ -417,6 +433,12 @@ def product_first_difference(
     candidates.seasonal_shape(pre_days, adj_pre, origin)
     window_shape = candidates.shape
     n_candidates = len(COUNTERFACTUALS)
+    # days since the product's first window day (blackout days included: a crossover's first analysed day is day 7)
+    window_start = days[in_window].min()
+    offsets = (window_days - window_start).astype(np.int64)
+    window_span = int((days[in_window].max() - window_start).astype(np.int64)) + 1
+    cutoffs = list(range(CUMULATIVE_STEP_DAYS, window_span, CUMULATIVE_STEP_DAYS)) + [window_span]
+    cumulative = np.full((n_candidates, len(cutoffs)), np.nan)
     fd, carry = np.full(n_candidates, np.nan), np.full(n_candidates, np.nan)
     backtest = np.full((n_candidates, settings.backtest_windows), np.nan)  # placebo first difference per window
     rule_prediction, rule_trend = None, 0.0
@@ -428,6 +450,9 @@ def product_first_difference(
             continue
         residual = adjusted[used] - predicted
         fd[k] = _window_statistic(residual, window_role, switchback)
+        for c, cutoff in enumerate(cutoffs):
+            early = offsets < cutoff
+            cumulative[k, c] = _window_statistic(residual[early], window_role[early], switchback)
         if name == "trend+seasonality":
             rule_prediction, rule_trend = predicted, trend
         if switchback:
@@ -448,6 +473,7 @@ def product_first_difference(
     # are far from perfectly correlated); every statistic is linear in the prediction
     blend, parts = COUNTERFACTUALS.index("blend"), [COUNTERFACTUALS.index(n) for n in BLENDED]
     fd[blend], carry[blend] = fd[parts].mean(), carry[parts].mean()
+    cumulative[blend] = cumulative[parts].mean(axis=0)
     backtest[blend] = backtest[parts].mean(axis=0)
     placebo = backtest[:, 0].copy()
     finite = np.isfinite(backtest)
@@ -494,9 +520,28 @@ def product_first_difference(
                 "carryover_difference": float(carry[0]),
                 "after_treated_share": after_treated_share if switchback else np.nan,
                 "known_factors": ",".join(names),
+                "metric": str(panel["metric"].iloc[0]) if "metric" in panel.columns else "",
+                "treated_mean": float(y[used][window_role == 1].mean()) if (window_role == 1).any() else np.nan,
+                "pre_price": _pre_price(panel, in_window),
+                "cumulative_days": [int(c) for c in cutoffs],
+                "candidate_cumulative": cumulative.ravel().tolist(),
+                "cumulative_fd": cumulative[0].tolist(),
+                "cumulative_treated_mean": [
+                    float(y[used][(window_role == 1) & (offsets < c)].mean()) if ((window_role == 1) & (offsets < c)).any() else np.nan
+                    for c in cutoffs
+                ],
             }
         ]
     )
+
+
+def _pre_price(panel: pd.DataFrame, in_window: np.ndarray) -> float:
+    """Mean pre-period price of a product (from its untreated log price), NaN without prices."""
+    if "log_price" not in panel.columns:
+        return np.nan
+    values = panel["log_price"].to_numpy(dtype=float)[~in_window]
+    values = values[np.isfinite(values)]
+    return float(np.exp(values).mean()) if len(values) else np.nan
 
 
 def choose_counterfactual(first_differences: pd.DataFrame) -> pd.DataFrame:
@@ -510,7 +555,8 @@ def choose_counterfactual(first_differences: pd.DataFrame) -> pd.DataFrame:
     if first_differences.empty:
         return first_differences
     out = []
-    for _, rows in first_differences.groupby(["experiment", "pool"], sort=False):
+    keys = ["experiment", "metric", "pool"] if "metric" in first_differences.columns else ["experiment", "pool"]
+    for _, rows in first_differences.groupby(keys, sort=False):
         fd = np.array(rows["candidate_fd"].tolist(), dtype=float)
         error = np.array(rows["candidate_error"].tolist(), dtype=float)
         usable = np.isfinite(fd) & np.isfinite(error)
@@ -524,10 +570,12 @@ def choose_counterfactual(first_differences: pd.DataFrame) -> pd.DataFrame:
         pick = lambda column: np.array(rows[column].tolist(), dtype=float)[np.arange(len(rows)), take]  # noqa: E731
         chosen_fd = pick("candidate_fd")
         windows = np.array(rows["candidate_placebo_windows"].tolist(), dtype=float).reshape(len(rows), fd.shape[1], -1)
+        cumulative = [np.asarray(v, dtype=float).reshape(fd.shape[1], -1)[t] for v, t in zip(rows["candidate_cumulative"], take)]
         recent = fd[:, COUNTERFACTUALS.index("level_4w")]
         out.append(rows.assign(
             first_difference=chosen_fd, placebo=pick("candidate_placebo"),
             placebo_windows=list(windows[np.arange(len(rows)), take]),
+            cumulative_fd=cumulative,
             recent_gap=np.where(np.isfinite(recent), chosen_fd - recent, 0.0),
             carryover_difference=pick("candidate_carryover"), backtest_error=error[np.arange(len(rows)), take],
             counterfactual=np.where(take == best, COUNTERFACTUALS[best], COUNTERFACTUALS[0]),
@@ -545,18 +593,30 @@ def _event_days_spark(events: DataFrame, event_days: int) -> DataFrame:
     )
 
 
+def _check_metric(experiment: str, metric: str, columns, costs_given: bool) -> None:
+    missing = [c for c in metric_rules.sales_columns_needed(metric) if c not in columns]
+    if metric == "revenue" and "revenue" in columns:
+        missing = []
+    if missing:
+        raise ValueError(f"experiment '{experiment}': metric '{metric}' needs sales column(s) {missing} (sales has {list(columns)})")
+    if metric == "profit" and not costs_given:
+        raise ValueError(f"experiment '{experiment}': metric 'profit' needs unit costs (experiment file `costs:` or catalogue `unit_cost`)")
+
+
 def _experiment_panel(
     sales: DataFrame, enrolled: DataFrame, assignments: DataFrame, experiment: str, design: str, metric: str,
-    settings: CounterfactualSettings,
+    settings: CounterfactualSettings, unit_costs: DataFrame | None = None,
 ) -> DataFrame:
     window = enrolled.where(F.col("experiment") == experiment)
-    if metric not in sales.columns:
-        raise ValueError(f"experiment '{experiment}': metric '{metric}' is not a column of sales ({sales.columns})")
+    _check_metric(experiment, metric, sales.columns, unit_costs is not None)
     price = [F.col("price").cast("double").alias("price")] if "price" in sales.columns else []
     columns = ["experiment", "product_id", "date", "unit_id", "arm", "blackout"]
     columns += ["price_change"] if "price_change" in assignments.columns else []
+    needed = [c for c in ("units", "revenue") if c in sales.columns and c != metric]
+    source = sales.select("product_id", "date", F.col(metric).cast("double").alias("y"), *price) if metric in sales.columns else (
+        sales.select("product_id", "date", *price, *needed))
     panel = (
-        sales.select("product_id", "date", F.col(metric).cast("double").alias("y"), *price)
+        source
         .join(window, "product_id")
         .where((F.col("date") >= F.date_sub("first_day", settings.pre_days)) & (F.col("date") <= F.col("last_day")))
         .join(assignments.select(*columns), ["experiment", "product_id", "date"], "left")
@@ -566,8 +626,15 @@ def _experiment_panel(
         .withColumn("blackout", F.coalesce("blackout", F.lit(False)))
         .withColumn("switchback", F.lit(design in SWITCHBACK_DESIGNS))
         .withColumn("design", F.lit(design))
+        .withColumn("metric", F.lit(metric))
         .drop("first_day", "last_day")
     )
+    if metric not in sales.columns:  # revenue / profit from price and units (`metrics.metric_column_spark`)
+        if metric == "profit":
+            costs = unit_costs.where(F.col("experiment") == experiment).select("product_id", "unit_cost", "margin_rate")
+            panel = panel.join(costs, "product_id", "left")
+        panel = panel.withColumn("y", metric_rules.metric_column_spark(metric, panel.columns)).drop(
+            *[c for c in ("units", "revenue", "unit_cost", "margin_rate") if c in panel.columns])
     if price:
         change = F.coalesce(F.col("price_change"), F.lit(0.0)) if "price_change" in columns else F.lit(0.0)
         untreated = F.when(F.col("arm") == "treatment", F.col("price") / (1.0 + change)).otherwise(F.col("price"))
@@ -583,6 +650,7 @@ def first_differences(
     settings: CounterfactualSettings = CounterfactualSettings(),
     catalog: DataFrame | None = None,
     events: DataFrame | None = None,
+    unit_costs: DataFrame | None = None,
 ) -> DataFrame:
     """Per (experiment, product): the detrended first difference, on Spark.
 
@@ -601,8 +669,9 @@ def first_differences(
         F.min("date").alias("first_day"), F.max("date").alias("last_day")
     )
     parts = [
-        _experiment_panel(sales, enrolled, assignments, experiment, design, metrics.get(experiment, "units"), settings)
+        _experiment_panel(sales, enrolled, assignments, experiment, design, metric, settings, unit_costs)
         for experiment, design in sorted(designs.items())
+        for metric in _metric_list(metrics.get(experiment, "units"))
     ]
     if not parts:
         return sales.sparkSession.createDataFrame([], FIRST_DIFFERENCE_SCHEMA)
@@ -620,12 +689,13 @@ def first_differences(
         panel = panel.withColumn("pool", F.lit(""))
     profiles = (
         panel.where(~F.col("in_window"))
-        .select("experiment", "pool", "product_id", "date", "y")
-        .groupBy("experiment", "pool")
-        .applyInPandas(lambda rows: pool_profile(rows, settings), POOL_PROFILE_SCHEMA)
+        .select("experiment", "metric", "pool", "product_id", "date", "y")
+        .groupBy("experiment", "metric", "pool")
+        .applyInPandas(lambda rows: pool_profile(rows, settings).assign(metric=rows["metric"].iloc[0]),
+                       T.StructType(POOL_PROFILE_SCHEMA.fields + [T.StructField("metric", T.StringType())]))
         .drop("pool_products")
     )
-    panel = panel.join(profiles, ["experiment", "pool"], "left")
+    panel = panel.join(profiles, ["experiment", "metric", "pool"], "left")
 
     def run(group: pd.DataFrame) -> pd.DataFrame:
         return product_first_difference(group, bool(group["switchback"].iloc[0]), settings)
@@ -633,8 +703,13 @@ def first_differences(
     def choose(group: pd.DataFrame) -> pd.DataFrame:
         return choose_counterfactual(group)[[f.name for f in FIRST_DIFFERENCE_SCHEMA.fields]]
 
-    per_product = panel.groupBy("experiment", "product_id").applyInPandas(run, FIRST_DIFFERENCE_SCHEMA)
-    return per_product.groupBy("experiment", "pool").applyInPandas(choose, FIRST_DIFFERENCE_SCHEMA)
+    per_product = panel.groupBy("experiment", "metric", "product_id").applyInPandas(run, FIRST_DIFFERENCE_SCHEMA)
+    return per_product.groupBy("experiment", "metric", "pool").applyInPandas(choose, FIRST_DIFFERENCE_SCHEMA)
+
+
+def _metric_list(value) -> list[str]:
+    """An experiment's metrics from `metrics=` of the first-difference functions: a name or a list."""
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _event_days_pandas(events: pd.DataFrame, event_days: int) -> pd.DataFrame:
@@ -656,6 +731,7 @@ def first_differences_pandas(
     settings: CounterfactualSettings = CounterfactualSettings(),
     catalog: pd.DataFrame | None = None,
     events: pd.DataFrame | None = None,
+    unit_costs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """`first_differences` in pandas for small panels (notebooks, simulations): same rules, same
     per-pool and per-product functions, same output columns."""
@@ -668,22 +744,31 @@ def first_differences_pandas(
     )
     event_on = _event_days_pandas(events, settings.event_days) if events is not None else None
     out = []
-    for experiment, design in sorted(designs.items()):
-        metric = metrics.get(experiment, "units")
-        if metric not in sales.columns:
-            raise ValueError(f"experiment '{experiment}': metric '{metric}' is not a column of sales ({list(sales.columns)})")
+    jobs = [(e, d, m) for e, d in sorted(designs.items()) for m in _metric_list(metrics.get(e, "units"))]
+    for experiment, design, metric in jobs:
+        _check_metric(experiment, metric, sales.columns, unit_costs is not None)
         rows = assignments[assignments["experiment"] == experiment]
         if rows.empty:
             continue
         span = rows.groupby("product_id")["date"].agg(first_day="min", last_day="max")
-        keep = ["product_id", "date", metric] + (["price"] if "price" in sales.columns and metric != "price" else [])
-        panel = sales[keep].rename(columns={metric: "y"}).join(span, on="product_id", how="inner")
+        if metric in sales.columns:
+            keep = ["product_id", "date", metric] + (["price"] if "price" in sales.columns and metric != "price" else [])
+            panel = sales[keep].rename(columns={metric: "y"})
+        else:  # revenue / profit from price and units (`metrics.metric_values_pandas`)
+            panel = sales[["product_id", "date", "price", "units"] + [c for c in ("revenue",) if c in sales.columns]]
+        panel = panel.join(span, on="product_id", how="inner")
         panel = panel[(panel["date"] >= panel["first_day"] - pd.Timedelta(days=settings.pre_days)) & (panel["date"] <= panel["last_day"])]
         columns = ["product_id", "date", "unit_id", "arm", "blackout"] + (["price_change"] if "price_change" in rows.columns else [])
         panel = panel.merge(rows[columns], on=["product_id", "date"], how="left")
         panel["in_window"] = panel["date"] >= panel["first_day"]
         panel = panel[~panel["in_window"] | panel["arm"].notna()].drop(columns=["first_day", "last_day"])
         panel["blackout"] = panel["blackout"].eq(True)  # no assignment row (pre-period): not blackout
+        if "y" not in panel.columns:
+            if metric == "profit":
+                costs = unit_costs[unit_costs["experiment"] == experiment][["product_id", "unit_cost", "margin_rate"]]
+                panel = panel.merge(costs.assign(product_id=costs["product_id"].astype(str)), on="product_id", how="left")
+            panel["y"] = metric_rules.metric_values_pandas(panel, metric)
+            panel = panel.drop(columns=[c for c in ("units", "revenue", "unit_cost", "margin_rate") if c in panel.columns])
         if "price" in panel.columns:
             change = panel["price_change"].fillna(0.0) if "price_change" in panel.columns else 0.0
             untreated = np.where(panel["arm"] == "treatment", panel["price"] / (1.0 + change), panel["price"])
@@ -696,6 +781,7 @@ def first_differences_pandas(
             panel["event_on"] = panel["event_on"].fillna(0.0)
         panel["experiment"] = experiment
         panel["design"] = design
+        panel["metric"] = metric
         panel["pool"] = panel["product_id"].map(pools).fillna("") if pools is not None else ""
         pre = panel[~panel["in_window"]]
         coef_by_pool = {
@@ -909,6 +995,22 @@ def carryover_check(fd: pd.DataFrame, z: float = 1.96, blocks: BootstrapBlocks |
             "carryover_bias": -estimate * share}
 
 
+def analysed_rows(fd: pd.DataFrame, values: np.ndarray, groups: np.ndarray, blocks: "BootstrapBlocks") -> pd.DataFrame:
+    """What an estimator analysed, for the relative effect's delta method (`metrics.relative_effect`):
+    product_id, unit_id (the bootstrap's resampled unit: randomisation unit, or its substitute
+    cluster), group, value (first difference as used), treated (the product's treated days enter
+    the level), treated_mean."""
+    switchback = bool((fd["arm"] == "switchback").any())
+    unit = blocks.blocks if blocks.blocks is not None else fd["unit_id"].astype(str).to_numpy()
+    treated_mean = fd["treated_mean"].to_numpy(float) if "treated_mean" in fd.columns else np.full(len(fd), np.nan)
+    return pd.DataFrame({
+        "product_id": fd["product_id"].astype(str).to_numpy(), "unit_id": np.asarray(unit, dtype=object),
+        "group": np.asarray(groups, dtype=object), "value": np.asarray(values, float),
+        "treated": np.ones(len(fd), bool) if switchback else (fd["arm"] == "treatment").to_numpy(),
+        "treated_mean": treated_mean,
+    })
+
+
 class DiDEstimator:
     """Difference in differences of detrended first differences, regression-adjusted, with a unit bootstrap.
 
@@ -950,6 +1052,7 @@ class DiDEstimator:
         units = fd["unit_id"].astype(str).to_numpy()
         blocks = BootstrapBlocks(fd, clusters)
         self.bootstrap_blocks_ = f"{blocks.n_blocks} {blocks.kind}"
+        self.analysed_ = analysed_rows(fd, y, groups, blocks)
         self.effect_, self.bootstrap_ = _balanced_effect(units, y, groups, switchback, self.n_bootstrap, rng,
                                                          blocks if blocks.blocks is not None else None)
         self.se_ = float(np.std(self.bootstrap_, ddof=1))
@@ -1258,6 +1361,7 @@ class HPTEEstimator:
             fd = adjust(fd, groups)
         blocks = BootstrapBlocks(fd, clusters)
         self.bootstrap_blocks_ = f"{blocks.n_blocks} {blocks.kind}"
+        self.analysed_ = analysed_rows(fd, fd["first_difference"].to_numpy(float), groups, blocks)
         for group in ("treatment", "control") if not switchback else np.unique(groups):
             n_units = fd.loc[groups == group, "unit_id"].nunique()
             if n_units < 2:
@@ -1418,6 +1522,18 @@ RESULT_COLUMNS = [
     "spillover_ipw",  # design-based IPW on the graph's exposures, beside it (spillover.estimate_spillover)
     "spillover_ipw_se",
     "as_of",
+    # decision metrics (issue 16): the relative effect's delta-method interval (`metrics.relative_effect`),
+    # the p-value and its Holm adjustment across the experiment's metrics (per estimator), the
+    # metric's role (primary | secondary | guardrail) and a guardrail's verdict
+    "se_rel",
+    "ci_low_rel",
+    "ci_high_rel",
+    "baseline",
+    "p_value",
+    "p_holm",
+    "role",
+    "guardrail",
+    "guardrail_status",
     # precision and carryover (issue 18)
     "counterfactual",
     "variance_reduction",
@@ -1436,15 +1552,17 @@ def counterfactual_summary(fd: pd.DataFrame) -> str:
     return ", ".join(f"{name} ({count})" for name, count in counts.items())
 
 
-def _result_row(spec, estimator: str, model, baseline: float, n_trimmed: int, as_of, counterfactual: str = "") -> dict:
+def _result_row(spec, estimator: str, model, metric: str, n_trimmed: int, as_of, counterfactual: str = "") -> dict:
     carryover = getattr(model, "carryover_", None) or carryover_check(pd.DataFrame({"arm": []}))
+    relative = metric_rules.relative_effect(model.effect_, model.se_, model.analysed_)
     return {
         "experiment": spec.name,
         "design": spec.design,
         "estimator": estimator,
-        "metric": spec.metric,
+        "metric": metric,
         "effect": model.effect_,
-        "relative_effect": model.effect_ / baseline if baseline else np.nan,
+        **relative,
+        "p_value": metric_rules.p_value(model.effect_, model.se_),
         "se": model.se_,
         "ci_low": model.ci_[0],
         "ci_high": model.ci_[1],
@@ -1488,28 +1606,108 @@ def estimate_experiments(
     """
     rows, problems = [], {}
     for spec in experiments.itertuples():
-        fd = first_differences[first_differences["experiment"] == spec.name]
-        if fd.empty:
-            problems[spec.name] = "no first differences yet (no sales in the window, or no history)"
-            continue
-        blocks = clusters.get(spec.name) if isinstance(clusters, dict) else clusters
-        try:
-            did = DiDEstimator(n_bootstrap=n_bootstrap, random_state=random_state).fit(fd, blocks)
-        except ValueError as exc:
-            problems[spec.name] = str(exc)
-            continue
-        chosen = counterfactual_summary(fd)
-        rows.append(_result_row(spec, "did", did, float(fd["counterfactual_mean"].mean()), 0, as_of, chosen))
-        try:
-            params = {"n_bootstrap": n_bootstrap, "random_state": random_state, **(hpte_params or {})}
-            hpte = HPTEEstimator(**params).fit(fd, features, blocks)
-        except ValueError as exc:
-            problems[spec.name] = f"hpte not estimated: {exc}"
-            hpte = None
+        all_metrics, guardrails = _spec_metrics(spec)
+        for metric in all_metrics:
+            label = spec.name if metric == all_metrics[0] else f"{spec.name} ({metric})"
+            fd = first_differences[first_differences["experiment"] == spec.name]
+            if "metric" in fd.columns and fd["metric"].notna().any():
+                fd = fd[fd["metric"] == metric]
+            if fd.empty:
+                problems[label] = "no first differences yet (no sales in the window, or no history)"
+                continue
+            blocks = clusters.get(spec.name) if isinstance(clusters, dict) else clusters
+            try:
+                did = DiDEstimator(n_bootstrap=n_bootstrap, random_state=random_state).fit(fd, blocks)
+            except ValueError as exc:
+                problems[label] = str(exc)
+                continue
+            chosen = counterfactual_summary(fd)
+            rows.append(_result_row(spec, "did", did, metric, 0, as_of, chosen))
+            try:
+                params = {"n_bootstrap": n_bootstrap, "random_state": random_state, **(hpte_params or {})}
+                hpte = HPTEEstimator(**params).fit(fd, features, blocks)
+            except ValueError as exc:
+                problems[label] = f"hpte not estimated: {exc}"
+                hpte = None
+            else:
+                rows.append(_result_row(spec, "hpte", hpte, metric, hpte.n_trimmed_, as_of, chosen))
+            if models is not None:
+                key = (spec.name, "did") if metric == all_metrics[0] else (spec.name, "did", metric)
+                models[key] = did
+                if hpte is not None:
+                    models[(spec.name, "hpte") if metric == all_metrics[0] else (spec.name, "hpte", metric)] = hpte
+    return decide(pd.DataFrame(rows, columns=RESULT_COLUMNS), experiments), problems
+
+
+def _spec_metrics(spec) -> tuple[list[str], dict]:
+    """(metrics, primary first; guardrails {metric: (direction, tolerance)}) of a row of the
+    experiments table (tables written before issue 16 have only `metric`)."""
+    listed = getattr(spec, "metrics", None)
+    listed = json.loads(listed) if isinstance(listed, str) and listed else (list(listed) if isinstance(listed, (list, tuple)) else [])
+    guards = getattr(spec, "guardrails", None)
+    guards = json.loads(guards) if isinstance(guards, str) and guards else (list(guards) if isinstance(guards, (list, tuple)) else [])
+    return (listed or [getattr(spec, "metric", "units")]), {g[0]: (g[1], float(g[2])) for g in guards}
+
+
+def decide(results: pd.DataFrame, experiments: pd.DataFrame) -> pd.DataFrame:
+    """Roles, Holm-adjusted p-values across each experiment's metrics (per estimator) and guardrail
+    verdicts (`metrics.holm`, `metrics.guardrail_status`)."""
+    if results.empty:
+        return results
+    results = results.copy()
+    specs = {spec.name: _spec_metrics(spec) for spec in experiments.itertuples()}
+    for (name, _), rows in results.groupby(["experiment", "estimator"], sort=False):
+        results.loc[rows.index, "p_holm"] = metric_rules.holm(rows["p_value"].to_numpy(float))
+    roles, guard, status = [], [], []
+    for row in results.itertuples():
+        metrics_of, guardrails = specs.get(row.experiment, ([row.metric], {}))
+        if row.metric in guardrails:
+            direction, tolerance = guardrails[row.metric]
+            roles.append("guardrail")
+            guard.append(f"{direction} beyond {tolerance:.1%}")
+            status.append(metric_rules.guardrail_status(direction, tolerance, row.ci_low_rel, row.ci_high_rel))
         else:
-            rows.append(_result_row(spec, "hpte", hpte, hpte.baseline_, hpte.n_trimmed_, as_of, chosen))
-        if models is not None:
-            models[(spec.name, "did")] = did
-            if hpte is not None:
-                models[(spec.name, "hpte")] = hpte
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS), problems
+            roles.append("primary" if row.metric == metrics_of[0] else "secondary")
+            guard.append("")
+            status.append("")
+    return results.assign(role=roles, guardrail=guard, guardrail_status=status)
+
+
+OVER_TIME_COLUMNS = ["experiment", "metric", "estimator", "day", "n_products", "effect", "ci_low", "ci_high",
+                     "relative_effect", "ci_low_rel", "ci_high_rel", "as_of"]
+
+
+def effect_over_time(first_differences: pd.DataFrame, experiments: pd.DataFrame, as_of=None, n_bootstrap: int = 1000,
+                     random_state: int = 0, clusters: pd.DataFrame | dict | None = None) -> pd.DataFrame:
+    """The cumulative effect by day since start, per experiment and metric (issue 16): the DiD
+    estimate, its 95% interval, the relative effect and its interval from each product's first
+    7, 14, ... window days (`cumulative_fd`, `cumulative_treated_mean`; a product whose window is
+    shorter counts with its whole window). One row per (experiment, metric, day)."""
+    rows = []
+    if first_differences.empty or "cumulative_fd" not in first_differences.columns:
+        return pd.DataFrame(columns=OVER_TIME_COLUMNS)
+    for spec in experiments.itertuples():
+        blocks = clusters.get(spec.name) if isinstance(clusters, dict) else clusters
+        for metric in _spec_metrics(spec)[0]:
+            fd = first_differences[first_differences["experiment"] == spec.name]
+            if "metric" in fd.columns and fd["metric"].notna().any():
+                fd = fd[fd["metric"] == metric]
+            fd = fd[fd["cumulative_fd"].map(lambda v: v is not None and len(v) > 0)]
+            if fd.empty:
+                continue
+            lengths = fd["cumulative_fd"].map(len).to_numpy()
+            for c in range(int(lengths.max())):
+                at = np.minimum(c, lengths - 1)
+                pick = lambda column: np.array([np.asarray(v, float)[i] for v, i in zip(fd[column], at)])  # noqa: E731
+                days = np.array([np.asarray(v)[i] for v, i in zip(fd["cumulative_days"], at)])
+                part = fd.assign(first_difference=pick("cumulative_fd"), treated_mean=pick("cumulative_treated_mean"))
+                try:
+                    model = DiDEstimator(n_bootstrap=n_bootstrap, random_state=random_state).fit(part, blocks)
+                except ValueError:
+                    continue
+                relative = metric_rules.relative_effect(model.effect_, model.se_, model.analysed_)
+                rows.append({"experiment": spec.name, "metric": metric, "estimator": "did", "day": int(days.max()),
+                             "n_products": model.n_products_, "effect": model.effect_, "ci_low": model.ci_[0],
+                             "ci_high": model.ci_[1], "relative_effect": relative["relative_effect"],
+                             "ci_low_rel": relative["ci_low_rel"], "ci_high_rel": relative["ci_high_rel"], "as_of": as_of})
+    return pd.DataFrame(rows, columns=OVER_TIME_COLUMNS)

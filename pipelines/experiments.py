@@ -20,6 +20,12 @@ Decisions the contract leaves open, taken here:
   published day never silently drops a running experiment.
 - `treatment.price_change` must lie within +-MAX_PRICE_CHANGE (0.5): a price experiment moves
   prices by percents, and `5` (+500%) is a typo far more often than an intent.
+- Metrics (issue 16): `metrics: [units, revenue, profit]`, the first primary; `metric: units` is
+  the one-metric list (give one of the two). `guardrails: [{metric: profit, direction:
+  must_not_fall, tolerance: 0.02}]` name metrics of the list. `costs: {kitchen: {unit_cost: 3.5}}`
+  or `{kitchen: {margin_rate: 0.3}}` per category give profit its unit cost; without them the
+  catalogue's `unit_cost` column must cover the population (`pipelines.metrics`). These
+  analysis-only fields never change assignments, so they stay out of the fingerprint.
 - YAML is parsed safely and strictly: no aliases (`*name`, the "billion laughs" expansion), no
   duplicate keys, files of at most MAX_FILE_BYTES; every bad value a message quotes is cut to
   EXCERPT_CHARS characters.
@@ -38,6 +44,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from pipelines import metrics as metric_rules
+
 DESIGNS = ("time_bound", "triggered", "random_days", "crossover")
 UNITS = ("product", "cluster")
 POPULATION_KEYS = ("categories", "subclasses", "product_ids")
@@ -52,7 +60,9 @@ ISO_DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
 FILE_FIELDS = (
     "name", "design", "start", "end", "unit", "population", "treated_fraction", "treatment",
     "phase_days", "blackout_days", "trigger_event", "duration_days", "metric", "seed",
+    "metrics", "guardrails", "costs",
 )
+ANALYSIS_FIELDS = ("metrics", "guardrails", "costs")  # analysis only: outside the fingerprint
 REQUIRED_FIELDS = ("name", "design", "start", "end", "treatment", "seed")
 TREATMENT_FIELDS = ("price_change",)
 
@@ -90,6 +100,16 @@ class ExperimentSpec:
     metric: str = DEFAULT_METRIC
     seed: int = 0
     source: str = ""
+    # issue 16: every metric analysed (empty: just `metric`), guardrails ((metric, direction,
+    # tolerance), ...), per-category costs {category: {unit_cost | margin_rate: value}}
+    metrics: tuple = ()
+    guardrails: tuple = ()
+    costs: dict = field(default_factory=dict, hash=False)
+
+    @property
+    def all_metrics(self) -> tuple[str, ...]:
+        """The metrics analysed, the primary first."""
+        return tuple(self.metrics) or (self.metric,)
 
     @property
     def n_days(self) -> int:
@@ -291,9 +311,9 @@ def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
     if not _is_int(seed):
         raise ExperimentFileError(file, "seed", f"{excerpt(seed)} is not an integer")
 
-    metric = raw.get("metric", DEFAULT_METRIC)
-    if not isinstance(metric, str) or not METRIC_PATTERN.fullmatch(metric):
-        raise ExperimentFileError(file, "metric", f"{excerpt(metric)} is not a column name")
+    metric, metrics = _parse_metrics(raw, file)
+    guardrails = _parse_guardrails(raw.get("guardrails"), file, metrics or (metric,))
+    costs = _parse_costs(raw.get("costs"), file)
 
     phase_days = blackout_days = duration_days = None
     trigger_event = None
@@ -319,7 +339,83 @@ def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
         treated_fraction=float(treated_fraction), price_change=float(price_change),
         phase_days=phase_days, blackout_days=blackout_days, trigger_event=trigger_event,
         duration_days=duration_days, metric=metric, seed=int(seed), source=file,
+        metrics=metrics, guardrails=guardrails, costs=costs,
     )
+
+
+def _parse_metrics(raw: dict, file: str) -> tuple[str, tuple]:
+    """(primary metric, metrics tuple: empty when only one) from `metric` / `metrics`."""
+    if "metric" in raw and "metrics" in raw:
+        raise ExperimentFileError(file, "metrics", "give either `metric` or `metrics` (a list, the first primary), not both")
+    if "metrics" in raw:
+        names, where = raw["metrics"], "metrics"
+        if not isinstance(names, list) or not names:
+            raise ExperimentFileError(file, "metrics", f"{excerpt(names)} is not a non-empty list of metric names")
+    else:
+        names, where = [raw.get("metric", DEFAULT_METRIC)], "metric"
+    for name in names:
+        if not isinstance(name, str) or not METRIC_PATTERN.fullmatch(name):
+            raise ExperimentFileError(file, where, f"{excerpt(name)} is not a metric (units, revenue, profit or a sales column)")
+    if len(set(names)) != len(names):
+        raise ExperimentFileError(file, where, f"{excerpt(next(n for n in names if names.count(n) > 1))} is listed twice")
+    if len(names) > metric_rules.MAX_METRICS:
+        raise ExperimentFileError(file, where, f"{len(names)} metrics is more than {metric_rules.MAX_METRICS}")
+    return names[0], (tuple(names) if len(names) > 1 else ())
+
+
+def _parse_guardrails(value, file: str, metrics: tuple) -> tuple:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ExperimentFileError(file, "guardrails", "expected a list like [{metric: profit, direction: must_not_fall, tolerance: 0.02}]")
+    out, seen = [], set()
+    for i, item in enumerate(value):
+        where = f"guardrails[{i}]"
+        if not isinstance(item, dict):
+            raise ExperimentFileError(file, where, "expected a mapping {metric, direction, tolerance}")
+        for key in item:
+            if key not in metric_rules.GUARDRAIL_FIELDS:
+                raise ExperimentFileError(file, f"{where}.{str(key)[:EXCERPT_CHARS]}",
+                                          f"unknown field (known: {', '.join(metric_rules.GUARDRAIL_FIELDS)})")
+        for key in metric_rules.GUARDRAIL_FIELDS:
+            if item.get(key) is None:
+                raise ExperimentFileError(file, f"{where}.{key}", "missing required field")
+        metric, direction, tolerance = item["metric"], item["direction"], item["tolerance"]
+        if metric not in metrics:
+            raise ExperimentFileError(file, f"{where}.metric", f"{excerpt(metric)} is not one of the experiment's metrics "
+                                      f"({', '.join(metrics)}): add it to `metrics`")
+        if metric in seen:
+            raise ExperimentFileError(file, f"{where}.metric", f"{excerpt(metric)} has a guardrail already")
+        if direction not in metric_rules.GUARDRAIL_DIRECTIONS:
+            raise ExperimentFileError(file, f"{where}.direction", f"{excerpt(direction)} is not a direction "
+                                      f"(known: {', '.join(metric_rules.GUARDRAIL_DIRECTIONS)})")
+        if not _is_number(tolerance) or not (0 <= tolerance < 1):
+            raise ExperimentFileError(file, f"{where}.tolerance", f"{excerpt(tolerance)} is not a relative change in [0, 1) "
+                                      "(write 0.02 for 2%)")
+        seen.add(metric)
+        out.append((metric, direction, float(tolerance)))
+    return tuple(out)
+
+
+def _parse_costs(value, file: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not value:
+        raise ExperimentFileError(file, "costs", "expected a mapping category -> {unit_cost: 3.5} or {margin_rate: 0.3}")
+    out = {}
+    for category, given in value.items():
+        where = f"costs.{str(category)[:EXCERPT_CHARS]}"
+        if not isinstance(given, dict) or len(given) != 1 or next(iter(given)) not in metric_rules.COST_FIELDS:
+            raise ExperimentFileError(file, where, "expected exactly one of {unit_cost: <money>} or {margin_rate: <share>}")
+        key, number = next(iter(given.items()))
+        if not _is_number(number) or not math.isfinite(number):
+            raise ExperimentFileError(file, f"{where}.{key}", f"{excerpt(number)} is not a number")
+        if key == "unit_cost" and number < 0:
+            raise ExperimentFileError(file, f"{where}.{key}", f"{number} is negative")
+        if key == "margin_rate" and not (-1 < number < 1):
+            raise ExperimentFileError(file, f"{where}.{key}", f"{number} is not a share of the price in (-1, 1) (write 0.3 for 30%)")
+        out[str(category)] = {key: float(number)}
+    return dict(sorted(out.items()))
 
 
 def parse_experiment_file(path) -> ExperimentSpec:
@@ -389,7 +485,30 @@ def population_products(spec: ExperimentSpec, catalog: pd.DataFrame) -> pd.Index
     products = pd.Index(catalog.loc[keep, "product_id"].astype(str), name="product_id")
     if products.empty:
         raise ExperimentFileError(spec.source, "population", "selects no product of the catalogue")
+    _check_costs(spec, catalog, keep)
     return products
+
+
+def _check_costs(spec: ExperimentSpec, catalog: pd.DataFrame, keep: pd.Series) -> None:
+    """Profit needs a unit cost for every product of the population (`metrics.unit_costs`)."""
+    if spec.costs and "category" in catalog.columns:
+        known = set(catalog["category"].astype(str))
+        unknown = [c for c in spec.costs if c not in known]
+        if unknown:
+            raise ExperimentFileError(spec.source, f"costs.{unknown[0][:EXCERPT_CHARS]}", "unknown category, not in the catalogue")
+    if "profit" not in spec.all_metrics:
+        return
+    field_name = "metrics" if spec.metrics else "metric"
+    if "category" not in catalog.columns:
+        return
+    missing = metric_rules.missing_costs(spec.costs, catalog.loc[keep])
+    if missing:
+        raise ExperimentFileError(
+            spec.source, field_name,
+            f"profit needs a unit cost: {len(missing)} product(s) ({_examples(missing)}) have none; give "
+            "`costs: {<category>: {unit_cost: ...}}` or `{margin_rate: ...}` in this file, or a catalogue "
+            "`unit_cost` column",
+        )
 
 
 EXPERIMENT_FILE_SUFFIXES = (".yaml", ".yml")
@@ -587,7 +706,7 @@ def running_specs(registry: pd.DataFrame | None, previous: pd.DataFrame | None) 
     still came from the enrolling file, else the spec as enrolled."""
     if registry is None or registry.empty:
         return {}
-    enrolled = {s.name: s for s in frame_to_specs(registry[list(SPEC_COLUMNS)])}
+    enrolled = {s.name: s for s in frame_to_specs(registry[[c for c in SPEC_COLUMNS if c in registry.columns]])}
     files = dict(zip(registry["name"], registry["file"]))
     last = {} if previous is None or previous.empty else {s.name: s for s in frame_to_specs(previous)}
     out = {}
@@ -611,6 +730,9 @@ def specs_to_frame(specs: list[ExperimentSpec]) -> pd.DataFrame:
     for spec in specs:
         row = dataclasses.asdict(spec)
         row["population"] = json.dumps(spec.population, sort_keys=True)
+        row["metrics"] = json.dumps(list(spec.metrics))
+        row["guardrails"] = json.dumps([list(g) for g in spec.guardrails])
+        row["costs"] = json.dumps(spec.costs, sort_keys=True)
         rows.append(row)
     frame = pd.DataFrame(rows, columns=list(SPEC_COLUMNS))
     for column in _OPTIONAL_INT_FIELDS:
@@ -648,8 +770,17 @@ def frame_to_specs(frame: pd.DataFrame) -> list[ExperimentSpec]:
             duration_days=None if _missing(row["duration_days"]) else int(row["duration_days"]),
             metric=str(row["metric"]), seed=int(row["seed"]),
             source="" if _missing(row["source"]) else str(row["source"]),
+            # tables written before issue 16 have no metrics, guardrails or costs columns
+            metrics=tuple(_json_cell(row, "metrics", [])),
+            guardrails=tuple(tuple(g) for g in _json_cell(row, "guardrails", [])),
+            costs=_json_cell(row, "costs", {}),
         ))
     return specs
+
+
+def _json_cell(row: dict, column: str, default):
+    value = row.get(column)
+    return default if _missing(value) or value == "" else json.loads(value)
 
 
 def spec_fingerprint(spec: ExperimentSpec) -> str:
@@ -660,7 +791,7 @@ def spec_fingerprint(spec: ExperimentSpec) -> str:
     """
     canonical = {}
     for name in SPEC_COLUMNS:
-        if name == "source":
+        if name == "source" or name in ANALYSIS_FIELDS:
             continue
         value = getattr(spec, name)
         canonical[name] = value.isoformat() if isinstance(value, date) else value

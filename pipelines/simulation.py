@@ -121,6 +121,7 @@ class MarketConfig:
     seed: int = 42
     # catalogue and demand levels
     base_price_median: float = 20.0
+    margin_range: tuple = (0.3, 0.5)  # unit cost = base price x (1 - margin), margin uniform in this range
     base_price_subclass_sd: float = 0.7
     baseline_units_median: float = 15.0
     baseline_units_sd: float = 0.7
@@ -436,6 +437,9 @@ def simulate_market(config: MarketConfig = MarketConfig()) -> MarketWorld:
     true_edges = pd.DataFrame(
         {"src": product_id[src], "dst": product_id[dst], "cross_elasticity": cross}
     )
+    # unit costs (issue 16: profit truth), from their own stream so every other draw stays as it was
+    margin = rng(8).uniform(*cfg.margin_range, n)
+    products["unit_cost"] = np.round(base_price * (1.0 - margin), 2)
     return MarketWorld(cfg, catalog, products, weekly_profile, category_phase, true_edges)
 
 
@@ -833,15 +837,32 @@ def expected_sales(
     )
 
 
-def true_effects(world: MarketWorld, assignments: pd.DataFrame) -> pd.DataFrame:
-    """The exact effects per experiment (definitions in the module docstring).
+def unit_costs(world: MarketWorld) -> pd.DataFrame:
+    """(product_id, unit_cost) of the world's products; worlds saved before unit costs have none (NaN)."""
+    cost = world.products["unit_cost"] if "unit_cost" in world.products.columns else np.full(len(world.products), np.nan)
+    return pd.DataFrame({"product_id": world.product_ids, "unit_cost": np.asarray(cost, float)})
 
-    Columns: experiment, metric ('units'), true_direct_effect, true_global_effect,
-    true_spillover_effect, true_relative_effect, n_product_days (analysis set size).
+
+TRUTH_METRICS = ("units", "revenue", "profit")
+
+
+def true_effects(world: MarketWorld, assignments: pd.DataFrame, metrics=("units",)) -> pd.DataFrame:
+    """The exact effects per experiment and metric (definitions in the module docstring).
+
+    Columns: experiment, metric, true_direct_effect, true_global_effect, true_spillover_effect,
+    true_relative_effect, n_product_days (analysis set size), then true_global_relative_effect.
+    Metrics (`TRUTH_METRICS`): units (expected units), revenue (actual price x expected units:
+    the treated price on a treated day), profit ((actual price - unit cost) x expected units;
+    needs the world's unit costs). Relative effects divide by the counterfactual (untreated) level
+    of the same product-days: direct by the as-assigned control level, global by the level with
+    nothing treated.
     """
+    for metric in metrics:
+        if metric not in TRUTH_METRICS:
+            raise ValueError(f"true_effects: unknown metric {metric!r} (known: {TRUTH_METRICS})")
     a = _normalise_assignments(world, assignments)
     columns = ["experiment", "metric", "true_direct_effect", "true_global_effect",
-               "true_spillover_effect", "true_relative_effect", "n_product_days"]
+               "true_spillover_effect", "true_relative_effect", "n_product_days", "true_global_relative_effect"]
     if a.empty:
         return pd.DataFrame({c: [] for c in columns})
     price_change = {}
@@ -860,7 +881,11 @@ def true_effects(world: MarketWorld, assignments: pd.DataFrame) -> pd.DataFrame:
 
     n = len(world.catalog)
     e_own = world._arrays.elasticity
-    totals = {x: np.zeros(5) for x in experiments}  # direct, global, control-baseline, spill, n_ctrl
+    cost = unit_costs(world)["unit_cost"].to_numpy(float)
+    if "profit" in metrics and not np.isfinite(cost).all():
+        raise ValueError("true_effects: this world has no unit costs (saved before they existed): no profit truth")
+    # per metric: direct, global, control-baseline, spill, n_ctrl, global-baseline
+    totals = {(x, m): np.zeros(6) for x in experiments for m in metrics}
     counts = {x: 0 for x in experiments}
     by_day = _DaySlices(a)
     last = world.config.history_start + timedelta(days=int(a["day_offset"].max()))
@@ -886,30 +911,42 @@ def true_effects(world: MarketWorld, assignments: pd.DataFrame) -> pd.DataFrame:
             own = e_own[idx] * log_factor
             as_assigned_control = base * np.exp(cross_assigned[idx])
             is_control = (analysis["arm"] == "control").to_numpy()
-            spill = base * (np.exp(cross_assigned[idx]) - np.exp(cross_none))
-            totals[name] += [
-                (as_assigned_control * np.expm1(own)).sum(),
-                (base * (np.exp(own + cross_all) - np.exp(cross_none))).sum(),
-                as_assigned_control.sum(),
-                spill[is_control].sum(),
-                is_control.sum(),
-            ]
+            shelf = md.shelf_price[idx]
+            for metric in metrics:
+                # value per unit sold untreated (v0) and treated (v1): 1 for units, price, price - cost
+                if metric == "units":
+                    v0 = v1 = np.ones(len(idx))
+                elif metric == "revenue":
+                    v0, v1 = shelf, shelf * (1.0 + price_change[name])
+                else:
+                    v0, v1 = shelf - cost[idx], shelf * (1.0 + price_change[name]) - cost[idx]
+                spill = v0 * base * (np.exp(cross_assigned[idx]) - np.exp(cross_none))
+                totals[(name, metric)] += [
+                    (as_assigned_control * (v1 * np.exp(own) - v0)).sum(),
+                    (base * (v1 * np.exp(own + cross_all) - v0 * np.exp(cross_none))).sum(),
+                    (v0 * as_assigned_control).sum(),
+                    spill[is_control].sum(),
+                    is_control.sum(),
+                    (v0 * base * np.exp(cross_none)).sum(),
+                ]
             counts[name] += len(idx)
     out = []
     for name in experiments:
-        direct, global_, control, spill, n_control = totals[name]
-        m = counts[name]
-        out.append(
-            {
-                "experiment": name,
-                "metric": "units",
-                "true_direct_effect": direct / m if m else np.nan,
-                "true_global_effect": global_ / m if m else np.nan,
-                "true_spillover_effect": spill / n_control if n_control else np.nan,
-                "true_relative_effect": direct / control if m else np.nan,
-                "n_product_days": int(m),
-            }
-        )
+        for metric in metrics:
+            direct, global_, control, spill, n_control, untreated = totals[(name, metric)]
+            m = counts[name]
+            out.append(
+                {
+                    "experiment": name,
+                    "metric": metric,
+                    "true_direct_effect": direct / m if m else np.nan,
+                    "true_global_effect": global_ / m if m else np.nan,
+                    "true_spillover_effect": spill / n_control if n_control else np.nan,
+                    "true_relative_effect": direct / control if m else np.nan,
+                    "n_product_days": int(m),
+                    "true_global_relative_effect": global_ / untreated if m else np.nan,
+                }
+            )
     return pd.DataFrame(out, columns=columns)
 
 
@@ -988,7 +1025,8 @@ def demo_experiments(config: MarketConfig = MarketConfig()) -> dict[str, str]:
             "treated_fraction": 0.5,
             "treatment": {"price_change": -0.08},
             **extra,
-            "metric": "units",
+            "metrics": ["units", "revenue", "profit"],
+            "guardrails": [{"metric": "profit", "direction": "must_not_fall", "tolerance": 0.05}],
             "seed": seed,
         }
         text = f"# pricelab demo experiment ({design} on {category}), written by pipelines.simulation\n"
@@ -1060,7 +1098,8 @@ def write_demo_inputs(data_dir: str | os.PathLike, config: MarketConfig = DEMO_C
     world = simulate_market(config)
     save_world(world, root / "simulator")
     print(f"  world -> {root / 'simulator'} ({len(world.true_edges)} true edges)")
-    _write_parquet_file(world.catalog, root / "input" / "catalog.parquet")
+    # the catalogue carries each product's unit cost, so the demo's profit has its cost (issue 16)
+    _write_parquet_file(world.catalog.merge(unit_costs(world), on="product_id"), root / "input" / "catalog.parquet")
     print(f"  catalog -> {root / 'input' / 'catalog.parquet'}")
     sales, history_triggers = simulate_history(world)
     _write_parquet_file(sales, root / "input" / "sales" / "history.parquet")

@@ -57,7 +57,8 @@ def test_the_whole_flow_on_a_tiny_market(spark, tiny_market, tmp_path):
     assert set(table["experiment"]) == {"time-bound-kitchen", "triggered-garden", "random-days-toys", "crossover-pets"}
     assert (table["se"] > 0).all() and (table["ci_low"] < table["ci_high"]).all()
     assert (warehouse.tables_dir / "report" / "report.md").read_text().count("|") > 10
-
+    # SRM and balance checks on first_differences (issue 16): intact first
+    assert _checks(results)[estimation.SAMPLE_RATIO_CHECK], _checks(results)
     # a published day is never changed: recomputing gives the same rows, a changed file is refused
     before = warehouse.read(spark, "daily_assignments", ("date", "2026-01-20")).toPandas()
     again = _materialize(data, ["experiments", "daily_assignments"], partition_key="2026-01-20")
@@ -104,3 +105,4 @@ def test_a_bad_experiment_file_is_refused_alone(spark, tiny_market, tmp_path):
     assert result.success and _checks(result)["experiment_files_valid"] is False
     names = set(Warehouse(data).read(spark, "experiments").toPandas()["name"])
     assert names == {"time-bound-kitchen", "triggered-garden", "random-days-toys", "crossover-pets"}
+

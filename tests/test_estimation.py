@@ -107,6 +107,8 @@ def test_estimate_experiments_reports_unestimable_ones():
             "arm": ["treatment", "treatment", "control", "control", "treatment", "treatment"],
             "first_difference": [2.0, 3.0, 0.0, 1.0, 1.0, 1.0],
             "counterfactual_mean": [10.0] * 6,
+            # observed level of the treated days: 12 = counterfactual 10 + effect 2
+            "treated_mean": [12.0, 12.0, np.nan, np.nan, 12.0, 12.0],
         }
     )
     specs = pd.DataFrame({"name": ["a", "b", "c"], "design": ["time_bound"] * 3, "metric": ["units"] * 3})

@@ -287,7 +287,7 @@ def test_demo_experiments_are_contract_yaml_on_distinct_categories():
         assert p["name"] + ".yaml" == name
         assert (p["start"], p["end"]) == (date(2026, 1, 5), date(2026, 2, 15))
         assert p["treated_fraction"] == 0.5 and p["treatment"] == {"price_change": -0.08}
-        assert p["metric"] == "units"
+        assert p["metrics"] == ["units", "revenue", "profit"] and p["guardrails"][0]["metric"] == "profit"
     assert {p["design"]: p["unit"] for p in parsed.values()} == {
         "time_bound": "cluster", "triggered": "product", "random_days": "product", "crossover": "cluster"}
     cross = parsed["crossover-pets.yaml"]
@@ -302,7 +302,11 @@ def test_write_demo_inputs_and_cli(tmp_path, capsys):
     config = MarketConfig(n_products=40, n_subclasses=5, history_days=30, seed=3)
     root = write_demo_inputs(tmp_path / "data", config)
     catalog = pd.read_parquet(root / "input" / "catalog.parquet")
-    pd.testing.assert_frame_equal(catalog, simulate_market(config).catalog)
+    world = simulate_market(config)
+    pd.testing.assert_frame_equal(catalog.drop(columns="unit_cost"), world.catalog)
+    # the catalogue carries the world's unit costs, below each base price (margins 30-50%)
+    assert np.allclose(catalog["unit_cost"], world.products["unit_cost"])
+    assert (catalog["unit_cost"] < world.products["base_price"] * 0.71).all()
     sales = pd.read_parquet(root / "input" / "sales" / "history.parquet")
     assert sales["date"].max() == config.history_end
     triggers = pd.read_parquet(root / "input" / "trigger_events.parquet")
@@ -347,3 +351,21 @@ def test_regime_config_refuses_unknown_names_and_applies_overrides():
     assert sim.regime_config("weak", carryover_decay=0.0).carryover_decay == 0.0
     with pytest.raises(ValueError, match="unknown simulator regime 'strong'"):
         sim.regime_config("strong")
+
+
+def test_true_effects_per_metric_follow_price_and_cost(world):
+    """Revenue and profit truth: the same expected units valued at the actual price (and minus the
+    unit cost); a price cut lifts units more than revenue, and lowers profit per unit."""
+    ids = world.catalog["product_id"].tolist()[:40]
+    day = world.config.history_end + timedelta(days=1)
+    assignments = pd.DataFrame({"date": day, "experiment": "exp", "product_id": ids,
+                                "arm": ["treatment", "control"] * 20, "blackout": False,
+                                "price_change": [-0.1, 0.0] * 20})
+    truth = true_effects(world, assignments, metrics=("units", "revenue", "profit")).set_index("metric")
+    assert list(truth.index) == ["units", "revenue", "profit"]
+    units, revenue, profit = (truth.loc[m, "true_relative_effect"] for m in ("units", "revenue", "profit"))
+    assert units > 0 and revenue < units and profit < revenue
+    # for a single treated product-day: revenue's relative effect is (1 + units') x (1 - 10%) - 1
+    one = assignments.iloc[:1]
+    t1 = true_effects(world, one, metrics=("units", "revenue")).set_index("metric")
+    assert t1.loc["revenue", "true_relative_effect"] == pytest.approx((1 + t1.loc["units", "true_relative_effect"]) * 0.9 - 1)

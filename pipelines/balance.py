@@ -1,0 +1,146 @@
+"""Sample-ratio mismatch (SRM) and pre-period balance of an experiment's arms (issue 16).
+
+SRM: data that goes missing in one arm (the price engine did not apply a price, a feed dropped
+rows) biases every estimate. Two tests per experiment on what is analysed, not merely published:
+- units: a chi-square test of the randomisation units with sales in the window per arm against
+  the design's treated share (between designs; in switchback designs every unit is in both arms);
+- days: a unit-level test of the share of published (non-blackout) product-days that have a
+  sales row, treated arm against control: a Welch t-test over units for between designs, a
+  paired t-test of each unit's treated-day and control-day shares for switchback designs. Rows
+  dropped from one arm leave the unit counts as they are; this test sees them.
+They are combined by Bonferroni (p = min(1, 2 x the smaller p)), so an intact design fires at
+most at the stated levels: blocking at p < `SRM_BLOCK_P` (0.001), warning at p < `SRM_WARN_P`
+(0.01). A 55/45 split of 2,000 units: see `tests/test_balance.py` (measured power).
+
+Balance: standardised mean differences (SMD) of pre-period covariates between the arms (between
+designs) or the two crossover sequences: pre-period mean units (`pre_mean` of the units rows)
+and mean price (`pre_price`); |SMD| >= `SMD_WARN` (0.1) warns. Random-days designs balance every
+day by construction and have no groups to compare.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+SRM_BLOCK_P = 0.001
+SRM_WARN_P = 0.01
+SMD_WARN = 0.1
+BALANCE_COVARIATES = ("pre_mean", "pre_price")
+SWITCHBACK_DESIGNS = ("random_days", "crossover")
+
+
+def unit_counts_test(n_treated: int, n_control: int, treated_fraction: float) -> float:
+    """Chi-square (1 df) p-value of n_treated / n_control against the treated share."""
+    n = n_treated + n_control
+    if n == 0:
+        return np.nan
+    expected = np.array([treated_fraction * n, (1 - treated_fraction) * n])
+    observed = np.array([n_treated, n_control], float)
+    return float(stats.chi2.sf(((observed - expected) ** 2 / expected).sum(), 1))
+
+
+def sales_days_test(per_unit: pd.DataFrame, switchback: bool) -> float:
+    """p-value that the share of published product-days with sales is the same in both arms.
+
+    `per_unit`: one row per (unit_id, arm) with `published` and `with_sales` product-days.
+    """
+    rates = per_unit.assign(rate=per_unit["with_sales"] / per_unit["published"].where(per_unit["published"] > 0))
+    wide = rates.pivot_table(index="unit_id", columns="arm", values="rate", aggfunc="mean")
+    if "treatment" not in wide.columns or "control" not in wide.columns:
+        return np.nan
+    if switchback:
+        both = wide.dropna(subset=["treatment", "control"])
+        difference = (both["treatment"] - both["control"]).to_numpy(float)
+        if len(difference) < 3 or np.allclose(difference, difference[0]):
+            return 1.0 if len(difference) >= 3 else np.nan
+        return float(stats.ttest_1samp(difference, 0.0).pvalue)
+    treated, control = wide["treatment"].dropna().to_numpy(float), wide["control"].dropna().to_numpy(float)
+    if len(treated) < 2 or len(control) < 2:
+        return np.nan
+    if np.allclose(np.concatenate([treated, control]), treated[0]):
+        return 1.0  # every unit has the same share (e.g. no missing day at all)
+    return float(stats.ttest_ind(treated, control, equal_var=False).pvalue)
+
+
+def srm(per_unit: pd.DataFrame, design: str, treated_fraction: float) -> dict:
+    """SRM of one experiment from `per_unit` (unit_id, arm, published, with_sales): both tests,
+    the combined p-value and the verdict (ok | warn | block)."""
+    switchback = design in SWITCHBACK_DESIGNS
+    analysed = per_unit[per_unit["with_sales"] > 0]
+    n_treated = int(analysed.loc[analysed["arm"] == "treatment", "unit_id"].nunique())
+    n_control = int(analysed.loc[analysed["arm"] == "control", "unit_id"].nunique())
+    p_units = np.nan if switchback else unit_counts_test(n_treated, n_control, treated_fraction)
+    p_days = sales_days_test(per_unit, switchback)
+    finite = [p for p in (p_units, p_days) if np.isfinite(p)]
+    p = min(1.0, len(finite) * min(finite)) if finite else np.nan
+    verdict = "ok" if not np.isfinite(p) or p >= SRM_WARN_P else ("block" if p < SRM_BLOCK_P else "warn")
+    share = per_unit.groupby("arm")[["published", "with_sales"]].sum()
+    rate = (share["with_sales"] / share["published"]).to_dict()
+    return {
+        "units_treated": n_treated, "units_control": n_control, "expected_treated_share": treated_fraction,
+        "p_units": p_units, "p_days": p_days, "p": p, "verdict": verdict,
+        "sales_day_share_treated": float(rate.get("treatment", np.nan)),
+        "sales_day_share_control": float(rate.get("control", np.nan)),
+    }
+
+
+def smd(a: np.ndarray, b: np.ndarray) -> float:
+    """Standardised mean difference (mean a - mean b) / sqrt((var a + var b) / 2)."""
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if len(a) < 2 or len(b) < 2:
+        return np.nan
+    pooled = np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
+    return float((a.mean() - b.mean()) / pooled) if pooled > 0 else 0.0
+
+
+def balance(first_differences: pd.DataFrame, design: str) -> dict:
+    """|SMD| per pre-period covariate between the arms (crossover: sequences) of one experiment.
+
+    Products are counted once (the units metric's rows when several metrics are present; pre_mean
+    is in that metric's units). Returns {covariate: smd} (empty for random days).
+    """
+    fd = first_differences
+    if "metric" in fd.columns and fd["metric"].notna().any():
+        metric = "units" if (fd["metric"] == "units").any() else fd["metric"].iloc[0]
+        fd = fd[fd["metric"] == metric]
+    fd = fd.drop_duplicates("product_id")
+    if design == "random_days":
+        return {}
+    if design == "crossover":
+        groups = fd["sequence"].to_numpy(dtype=object)
+        first, second = "treatment_first", "control_first"
+    else:
+        groups = fd["arm"].to_numpy(dtype=object)
+        first, second = "treatment", "control"
+    out = {}
+    for covariate in BALANCE_COVARIATES:
+        if covariate in fd.columns:
+            values = fd[covariate].to_numpy(float)
+            out[covariate] = smd(values[groups == first], values[groups == second])
+    return out
+
+
+def srm_table(per_unit: pd.DataFrame, experiments: pd.DataFrame) -> pd.DataFrame:
+    """`srm` for every experiment: `per_unit` has experiment, unit_id, arm, published, with_sales;
+    `experiments` name, design, treated_fraction. One row per experiment with published rows."""
+    rows = []
+    for spec in experiments.itertuples():
+        mine = per_unit[per_unit["experiment"] == spec.name]
+        if mine.empty:
+            continue
+        rows.append({"experiment": spec.name, "design": spec.design, **srm(mine, spec.design, float(spec.treated_fraction))})
+    return pd.DataFrame(rows)
+
+
+def balance_table(first_differences: pd.DataFrame, experiments: pd.DataFrame) -> pd.DataFrame:
+    """`balance` for every experiment with first differences: experiment, covariate, smd, warn."""
+    rows = []
+    for spec in experiments.itertuples():
+        mine = first_differences[first_differences["experiment"] == spec.name]
+        if mine.empty:
+            continue
+        for covariate, value in balance(mine, spec.design).items():
+            rows.append({"experiment": spec.name, "covariate": covariate, "smd": value,
+                         "warn": bool(np.isfinite(value) and abs(value) >= SMD_WARN)})
+    return pd.DataFrame(rows, columns=["experiment", "covariate", "smd", "warn"])

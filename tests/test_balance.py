@@ -1,0 +1,57 @@
+"""SRM and pre-period balance (issue 16): power on a 55/45 split, false alarms on intact designs,
+rows dropped from one arm, tampered assignments."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipelines import balance
+
+
+def _per_unit(rng, n_units: int, p_treated: float, days: int = 42, missing: float = 0.03, drop_treated: float = 0.0):
+    """(unit_id, arm, published, with_sales) of a between design: each unit treated with p_treated."""
+    arm = np.where(rng.random(n_units) < p_treated, "treatment", "control")
+    rate = (1 - missing) * np.where(arm == "treatment", 1 - drop_treated, 1.0)
+    return pd.DataFrame({"unit_id": np.arange(n_units), "arm": arm, "published": days,
+                         "with_sales": rng.binomial(days, rate)})
+
+
+def test_srm_blocks_a_55_45_split_of_2000_units_and_rarely_an_intact_design():
+    rng = np.random.default_rng(0)
+    trials = 600
+    split = [balance.srm(_per_unit(rng, 2000, 0.55), "time_bound", 0.5)["verdict"] for _ in range(trials)]
+    intact = [balance.srm(_per_unit(rng, 2000, 0.5), "time_bound", 0.5)["verdict"] for _ in range(trials)]
+    blocked = np.mean([v == "block" for v in split])
+    fired = np.mean([v != "ok" for v in intact])  # warn or block
+    print(f"55/45 of 2000 units: blocked in {blocked:.1%} of {trials}; intact: fired (warn or block) in {fired:.1%}")
+    assert blocked >= 0.80 and fired <= 0.01 + 2 * np.sqrt(0.01 * 0.99 / trials)
+    assert np.mean([v == "block" for v in intact]) <= 0.005
+
+
+def test_rows_dropped_from_one_arm_fail_the_days_test_though_units_are_intact():
+    rng = np.random.default_rng(1)
+    found = balance.srm(_per_unit(rng, 200, 0.5, drop_treated=0.10), "time_bound", 0.5)
+    assert found["verdict"] == "block" and found["p_days"] < 1e-6 and found["p_units"] > 0.001
+    # switchback: each unit's treated and control days, 10% of the treated ones lost
+    units = np.arange(100)
+    rows = pd.concat([
+        pd.DataFrame({"unit_id": units, "arm": "treatment", "published": 21, "with_sales": rng.binomial(21, 0.97 * 0.9, 100)}),
+        pd.DataFrame({"unit_id": units, "arm": "control", "published": 21, "with_sales": rng.binomial(21, 0.97, 100)}),
+    ])
+    assert balance.srm(rows, "random_days", 0.5)["verdict"] == "block"
+    intact = rows.assign(with_sales=rng.binomial(21, 0.97, 200))
+    assert balance.srm(intact, "random_days", 0.5)["verdict"] == "ok"
+
+
+def test_balance_flags_an_assignment_that_follows_pre_period_sales():
+    rng = np.random.default_rng(2)
+    level = rng.lognormal(np.log(15), 0.7, 200)
+    fd = pd.DataFrame({"experiment": "e", "product_id": [f"P{i}" for i in range(200)], "metric": "units",
+                       "arm": np.where(rng.permutation(200) < 100, "treatment", "control"),
+                       "pre_mean": level, "pre_price": rng.lognormal(np.log(20), 0.5, 200)})
+    specs = pd.DataFrame({"name": ["e"], "design": ["time_bound"]})
+    random = balance.balance_table(fd, specs).set_index("covariate")
+    assert abs(random.loc["pre_mean", "smd"]) < 0.3  # chance alone: |SMD| ~ 0.14 sd here
+    tampered = fd.assign(arm=np.where(fd["pre_mean"].rank(pct=True) > 0.5, "treatment", "control"))
+    table = balance.balance_table(tampered, specs).set_index("covariate")
+    assert table.loc["pre_mean", "warn"] and table.loc["pre_mean", "smd"] > 1.0

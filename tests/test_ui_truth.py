@@ -47,7 +47,7 @@ def test_checks_on_daily_assignments_are_per_partition_with_row_counts(spark, tm
     single = _publish(root, instance, partition_key="2025-06-09")
     assert single.success
     evaluations = [e.asset_check_evaluation_data for e in single.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
-    assert {(e.check_name, e.partition) for e in evaluations} == {(c, "2025-06-09") for c in CHECKS}
+    assert {(e.check_name, e.partition) for e in evaluations if e.check_name in CHECKS} == {(c, "2025-06-09") for c in CHECKS}
     materialization = single.asset_materializations_for_node("daily_assignments")[0]
     assert materialization.metadata["dagster/row_count"].value == 24  # both experiments, 12 products each
     # a range run (a backfill) records each check on every day of the range too

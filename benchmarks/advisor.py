@@ -254,6 +254,14 @@ def main(argv=None) -> int:
     pd.set_option("display.max_columns", 30)
     if opts.speed:
         speed(spark, opts.replays)
+    if opts.carryover_worlds:
+        found = carryover_worlds(spark, opts.carryover_worlds)
+        on, off = found[found["rho"] > 0], found[found["rho"] == 0]
+        print(found.groupby("rho")[["rho_hat", "rho_high", "carryover_days", "blackout"]].describe().T.round(3).to_string())
+        print(f"carryover on (rho 0.5, true half-life 1 day): blackout >= 3 in {(on['blackout'] >= 3).sum()}/{len(on)} worlds")
+        print(f"carryover off: blackout 0 in {(off['blackout'] == 0).sum()}/{len(off)} worlds")
+        if opts.out:
+            found.to_csv(opts.out.replace(".csv", "") + "_carryover.csv", index=False)
     if opts.regime:
         tables = []
         for regime in opts.regime.split(","):
@@ -264,14 +272,6 @@ def main(argv=None) -> int:
                 table.to_csv(opts.out, index=False)
         print(f"predicted SE within +-20% of realised: {int(table['within_20pct'].sum())}/{len(table)} cells; "
               f"A/A rate in [3%, 7%]: {int(table['aa_in_3_7'].sum())}/{len(table)} cells")
-    if opts.carryover_worlds:
-        found = carryover_worlds(spark, opts.carryover_worlds)
-        on, off = found[found["rho"] > 0], found[found["rho"] == 0]
-        print(found.groupby("rho")[["rho_hat", "rho_high", "carryover_days", "blackout"]].describe().T.round(3).to_string())
-        print(f"carryover on (rho 0.5, true half-life 1 day): blackout >= 3 in {(on['blackout'] >= 3).sum()}/{len(on)} worlds")
-        print(f"carryover off: blackout 0 in {(off['blackout'] == 0).sum()}/{len(off)} worlds")
-        if opts.out:
-            found.to_csv(opts.out.replace(".csv", "") + "_carryover.csv", index=False)
     return 0
 
 

@@ -60,7 +60,7 @@ def _sales_days_per_unit(warehouse, spark):
 
 
 def _checks(warehouse, spark, specs: pd.DataFrame) -> list[dg.AssetCheckResult]:
-    """SRM (blocking at p < 0.001, warning at p < 0.01) and pre-period balance (|SMD| >= 0.1 warns),
+    """SRM (blocking at p < 0.001, warning at p < 0.01) and pre-period balance (beyond-chance imbalance warns),
     rules in `pipelines.balance`."""
     srm = balance.srm_table(_sales_days_per_unit(warehouse, spark), specs)
     verdicts = set(srm["verdict"]) if not srm.empty else set()
@@ -86,7 +86,8 @@ def _checks(warehouse, spark, specs: pd.DataFrame) -> list[dg.AssetCheckResult]:
         dg.AssetCheckResult(
             check_name=BALANCE_CHECK, passed=not len(unbalanced), severity=dg.AssetCheckSeverity.WARN,
             metadata={"unbalanced": dg.MetadataValue.md(describe(unbalanced)), "smd": dg.MetadataValue.md(describe(smd)),
-                      "rule": f"|standardised mean difference| of pre-period mean units and price >= {balance.SMD_WARN} warns"},
+                      "rule": f"pre-period mean units and price differ between arms beyond chance: permutation test over "
+                              f"the randomisation units, Bonferroni over covariates, p < {balance.BALANCE_WARN_P} warns"},
         ),
     ]
 
@@ -100,7 +101,7 @@ def _checks(warehouse, spark, specs: pd.DataFrame) -> list[dg.AssetCheckResult]:
         dg.AssetCheckSpec(SAMPLE_RATIO_CHECK, asset="first_differences", blocking=True,
                           description="units and days with sales per arm match the design (blocking at p < 0.001)"),
         dg.AssetCheckSpec(BALANCE_CHECK, asset="first_differences",
-                          description="pre-period mean units and price balanced between arms (|SMD| < 0.1)"),
+                          description="pre-period mean units and price no more unbalanced between arms than chance (permutation p >= 0.01)"),
     ],
 )
 def first_differences(context: dg.AssetExecutionContext) -> dg.MaterializeResult:

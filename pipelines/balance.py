@@ -12,10 +12,17 @@ They are combined by Bonferroni (p = min(1, 2 x the smaller p)), so an intact de
 most at the stated levels: blocking at p < `SRM_BLOCK_P` (0.001), warning at p < `SRM_WARN_P`
 (0.01). A 55/45 split of 2,000 units: see `tests/test_balance.py` (measured power).
 
-Balance: standardised mean differences (SMD) of pre-period covariates between the arms (between
-designs) or the two crossover sequences: pre-period mean units (`pre_mean` of the units rows)
-and mean price (`pre_price`); |SMD| >= `SMD_WARN` (0.1) warns. Random-days designs balance every
-day by construction and have no groups to compare.
+Balance: pre-period covariates between the arms (between designs) or the two crossover
+sequences: mean units (`pre_mean` of the units rows) and mean price (`pre_price`). The standardised
+mean difference (SMD) is reported; what warns is an imbalance beyond what the randomisation itself
+produces: a permutation test of the arm labels over the randomisation units (unit means, labels
+shuffled with the arm sizes kept, `PERMUTATIONS` draws from a fixed seed), Bonferroni over the
+covariates, warning at p < `BALANCE_WARN_P` (0.01). A fixed |SMD| >= 0.1 rule is for trials with
+hundreds of units a arm: with 6 products an arm chance alone gives |SMD| ~ 0.6, so it warned on
+almost every small, correctly randomised experiment. A chance imbalance does not bias the
+estimators (they difference out the pre-period); a beyond-chance one says the published
+assignment was not the one applied. Random-days designs balance every day by construction and
+have no groups to compare.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from scipy import stats
 
 SRM_BLOCK_P = 0.001
 SRM_WARN_P = 0.01
-SMD_WARN = 0.1
+BALANCE_WARN_P = 0.01
+PERMUTATIONS = 4999
 BALANCE_COVARIATES = ("pre_mean", "pre_price")
 SWITCHBACK_DESIGNS = ("random_days", "crossover")
 
@@ -94,11 +102,31 @@ def smd(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.mean() - b.mean()) / pooled) if pooled > 0 else 0.0
 
 
+def permutation_p(values: np.ndarray, treated: np.ndarray, permutations: int = PERMUTATIONS, seed: int = 0) -> float:
+    """Two-sided randomisation p-value of the difference in means of `values` between
+    `treated` and the rest, with the arm sizes kept ((1 + #|permuted| >= |observed|) / (1 + draws))."""
+    ok = np.isfinite(values)
+    values, treated = values[ok], treated[ok]
+    n_treated = int(treated.sum())
+    if n_treated < 1 or n_treated >= len(values):
+        return np.nan
+    observed = abs(values[treated].mean() - values[~treated].mean())
+    rng, total, as_large = np.random.default_rng(seed), values.sum(), 0
+    batch = max(1, min(permutations, 2_000_000 // len(values)))  # bounded memory on large experiments
+    for start in range(0, permutations, batch):
+        draws = np.argsort(rng.random((min(batch, permutations - start), len(values))), axis=1)[:, :n_treated]
+        picked = values[draws].sum(axis=1)
+        differences = np.abs(picked / n_treated - (total - picked) / (len(values) - n_treated))
+        as_large += int(np.sum(differences >= observed - 1e-12 * max(1.0, observed)))
+    return float((1 + as_large) / (1 + permutations))
+
+
 def balance(first_differences: pd.DataFrame, design: str) -> dict:
-    """|SMD| per pre-period covariate between the arms (crossover: sequences) of one experiment.
+    """Pre-period balance per covariate between the arms (crossover: sequences) of one experiment:
+    {covariate: (smd over products, permutation p over randomisation units)} (empty for random days).
 
     Products are counted once (the units metric's rows when several metrics are present; pre_mean
-    is in that metric's units). Returns {covariate: smd} (empty for random days).
+    is in that metric's units).
     """
     fd = first_differences
     if "metric" in fd.columns and fd["metric"].notna().any():
@@ -107,17 +135,20 @@ def balance(first_differences: pd.DataFrame, design: str) -> dict:
     fd = fd.drop_duplicates("product_id")
     if design == "random_days":
         return {}
-    if design == "crossover":
-        groups = fd["sequence"].to_numpy(dtype=object)
-        first, second = "treatment_first", "control_first"
-    else:
-        groups = fd["arm"].to_numpy(dtype=object)
-        first, second = "treatment", "control"
+    group, first = ("sequence", "treatment_first") if design == "crossover" else ("arm", "treatment")
+    second = "control_first" if design == "crossover" else "control"
+    fd = fd[fd[group].isin([first, second])]
+    unit = fd["unit_id"].astype(str) if "unit_id" in fd.columns else fd["product_id"].astype(str)
     out = {}
     for covariate in BALANCE_COVARIATES:
-        if covariate in fd.columns:
-            values = fd[covariate].to_numpy(float)
-            out[covariate] = smd(values[groups == first], values[groups == second])
+        if covariate not in fd.columns:
+            continue
+        values = fd[covariate].to_numpy(float)
+        groups = fd[group].to_numpy(dtype=object)
+        per_unit = pd.DataFrame({"unit": unit.to_numpy(), "first": groups == first, "value": values}).groupby("unit").agg(
+            first=("first", "first"), value=("value", "mean"))
+        out[covariate] = (smd(values[groups == first], values[groups == second]),
+                          permutation_p(per_unit["value"].to_numpy(float), per_unit["first"].to_numpy(bool)))
     return out
 
 
@@ -134,13 +165,15 @@ def srm_table(per_unit: pd.DataFrame, experiments: pd.DataFrame) -> pd.DataFrame
 
 
 def balance_table(first_differences: pd.DataFrame, experiments: pd.DataFrame) -> pd.DataFrame:
-    """`balance` for every experiment with first differences: experiment, covariate, smd, warn."""
+    """`balance` for every experiment with first differences: experiment, covariate, smd, p, warn
+    (p below `BALANCE_WARN_P` after Bonferroni over the experiment's covariates)."""
     rows = []
     for spec in experiments.itertuples():
         mine = first_differences[first_differences["experiment"] == spec.name]
         if mine.empty:
             continue
-        for covariate, value in balance(mine, spec.design).items():
-            rows.append({"experiment": spec.name, "covariate": covariate, "smd": value,
-                         "warn": bool(np.isfinite(value) and abs(value) >= SMD_WARN)})
-    return pd.DataFrame(rows, columns=["experiment", "covariate", "smd", "warn"])
+        found = balance(mine, spec.design)
+        for covariate, (value, p) in found.items():
+            rows.append({"experiment": spec.name, "covariate": covariate, "smd": value, "p": p,
+                         "warn": bool(np.isfinite(p) and p * len(found) < BALANCE_WARN_P)})
+    return pd.DataFrame(rows, columns=["experiment", "covariate", "smd", "p", "warn"])

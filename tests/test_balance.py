@@ -49,9 +49,38 @@ def test_balance_flags_an_assignment_that_follows_pre_period_sales():
     fd = pd.DataFrame({"experiment": "e", "product_id": [f"P{i}" for i in range(200)], "metric": "units",
                        "arm": np.where(rng.permutation(200) < 100, "treatment", "control"),
                        "pre_mean": level, "pre_price": rng.lognormal(np.log(20), 0.5, 200)})
+    fd["unit_id"] = fd["product_id"]
     specs = pd.DataFrame({"name": ["e"], "design": ["time_bound"]})
     random = balance.balance_table(fd, specs).set_index("covariate")
-    assert abs(random.loc["pre_mean", "smd"]) < 0.3  # chance alone: |SMD| ~ 0.14 sd here
+    assert abs(random.loc["pre_mean", "smd"]) < 0.3 and not random["warn"].any()  # chance alone: |SMD| ~ 0.14 sd here
     tampered = fd.assign(arm=np.where(fd["pre_mean"].rank(pct=True) > 0.5, "treatment", "control"))
     table = balance.balance_table(tampered, specs).set_index("covariate")
-    assert table.loc["pre_mean", "warn"] and table.loc["pre_mean", "smd"] > 1.0
+    assert table.loc["pre_mean", "warn"] and table.loc["pre_mean", "smd"] > 1.0 and table.loc["pre_mean", "p"] < 0.001
+
+
+def test_balance_rarely_warns_on_small_correctly_randomised_experiments():
+    """6 products an arm: chance gives |SMD| ~ 0.6, which a fixed |SMD| >= 0.1 rule called unbalanced
+    in ~90% of experiments; the permutation rule warns at about its level (<= 1% + MC error)."""
+    rng = np.random.default_rng(3)
+    trials, warned, old_rule = 300, 0, 0
+    specs = pd.DataFrame({"name": ["e"], "design": ["time_bound"]})
+    for _ in range(trials):
+        fd = pd.DataFrame({"experiment": "e", "product_id": [f"P{i}" for i in range(12)], "metric": "units",
+                           "arm": np.where(rng.permutation(12) < 6, "treatment", "control"),
+                           "pre_mean": rng.lognormal(np.log(15), 0.7, 12), "pre_price": rng.lognormal(np.log(20), 0.5, 12)})
+        fd["unit_id"] = fd["product_id"]
+        table = balance.balance_table(fd, specs)
+        warned += bool(table["warn"].any())
+        old_rule += bool((table["smd"].abs() >= 0.1).any())
+    print(f"12 products: permutation rule warned in {warned}/{trials}, |SMD| >= 0.1 in {old_rule}/{trials}")
+    assert warned / trials <= 0.01 + 2 * np.sqrt(0.01 * 0.99 / trials) and old_rule / trials > 0.8
+
+
+def test_balance_permutes_whole_clusters():
+    """A cluster design's units are its clusters: products of one cluster move together, so two
+    clusters of 6 that differ are not 'beyond chance' (p = 1/2 of the 2 labelings is the floor)."""
+    fd = pd.DataFrame({"experiment": "e", "product_id": [f"P{i}" for i in range(12)], "metric": "units",
+                       "arm": ["treatment"] * 6 + ["control"] * 6, "unit_id": ["C1"] * 6 + ["C2"] * 6,
+                       "pre_mean": [30.0 + i for i in range(6)] + [10.0 + i for i in range(6)], "pre_price": 20.0})
+    table = balance.balance_table(fd, pd.DataFrame({"name": ["e"], "design": ["time_bound"]})).set_index("covariate")
+    assert table.loc["pre_mean", "smd"] > 1 and table.loc["pre_mean", "p"] > 0.4 and not table["warn"].any()

@@ -118,11 +118,11 @@ def test_publishing_on_a_standalone_cluster_equals_the_local_run(standalone_mast
     from jobs.resources import SparkResource, WarehouseResource
 
     local, cluster = prepared_market(tmp_path / "local"), prepared_market(tmp_path / "cluster")
-    days = "2025-06-02..2025-06-29"
+    days = "2025-06-09..2025-06-15"  # one week in which both experiments run (the daily path has its own test)
     # the local run: the same asset on the tests' local session (in this process, no second JVM)
     done = dg.materialize(
         [daily_assignments], resources={"spark": SparkResource(), "warehouse": WarehouseResource(data_dir=str(local))},
-        tags={"dagster/asset_partition_range_start": "2025-06-02", "dagster/asset_partition_range_end": "2025-06-29"},
+        tags={"dagster/asset_partition_range_start": "2025-06-09", "dagster/asset_partition_range_end": "2025-06-15"},
     )
     assert done.success
     master_url, ui_port = standalone_master
@@ -139,7 +139,7 @@ def test_publishing_on_a_standalone_cluster_equals_the_local_run(standalone_mast
         time.sleep(1)
     assert [app["name"] for app in state["completedapps"]] == ["pricelab"] and len(state["workers"]) == 1
     a, b = _published(local), _published(cluster)
-    assert len(a) == 2 * 21 * 12 and a.equals(b)  # two 21-day experiments of 12 products
+    assert len(a) == 2 * 7 * 12 and a.equals(b)  # two experiments of 12 products, 7 days
     for name in ("kitchen-cut", "garden-cut"):
         pa, pb = (Warehouse(r).read(spark, "enrolments", ("experiment", name)).toPandas()
                   .sort_values("product_id").reset_index(drop=True) for r in (local, cluster))

@@ -111,7 +111,7 @@ def _unit_sums(units: np.ndarray, *values: np.ndarray) -> list[np.ndarray]:
     return [np.bincount(row, weights=v) for v in values]
 
 
-def relative_effect(effect: float, se: float, analysed: pd.DataFrame, alpha: float = 0.05) -> dict:
+def relative_effect(effect: float, se: float, analysed: pd.DataFrame, alpha: float = 0.05, df: float | None = None) -> dict:
     """Relative effect R = effect / B and its interval, B the counterfactual mean of the treated
     product-days.
 
@@ -131,6 +131,8 @@ def relative_effect(effect: float, se: float, analysed: pd.DataFrame, alpha: flo
     group means of `value` it compares. Large level differences between products make Ybar
     noisy and strongly tied to the effect (big products have big effects), so the covariance
     term matters: leaving it out widens, taking Var(Ybar) out narrows the interval.
+    The interval is R -/+ q x SE(R), q Student's t quantile with `df` degrees of freedom (the
+    estimator's `df_`: its randomisation units, `estimation.effective_df`), normal when None.
     """
     out = {"relative_effect": np.nan, "se_rel": np.nan, "ci_low_rel": np.nan, "ci_high_rel": np.nan, "baseline": np.nan}
     rows = analysed[np.isfinite(analysed["value"].to_numpy(float))]
@@ -170,7 +172,7 @@ def relative_effect(effect: float, se: float, analysed: pd.DataFrame, alpha: flo
         cov += scale * float((infl_effect * infl_y).sum())
     var_ratio = (ybar ** 2 * se ** 2 + effect ** 2 * var_y - 2 * ybar * effect * cov) / baseline ** 4
     se_rel = math.sqrt(max(var_ratio, 0.0))
-    z = stats.norm.ppf(1 - alpha / 2)
+    z = _quantile(alpha, df)
     return {"relative_effect": ratio, "se_rel": se_rel, "ci_low_rel": ratio - z * se_rel,
             "ci_high_rel": ratio + z * se_rel, "baseline": baseline}
 
@@ -179,11 +181,21 @@ def relative_effect(effect: float, se: float, analysed: pd.DataFrame, alpha: flo
 # Multiple testing and guardrails
 # ----------------------------------------------------------------------------------------------
 
-def p_value(effect: float, se: float) -> float:
-    """Two-sided normal p-value of effect / se (NaN when either is missing or se <= 0)."""
+def _quantile(alpha: float, df: float | None) -> float:
+    """The two-sided 1 - alpha quantile: Student's t with `df` degrees of freedom, normal when None."""
+    if df is None or not np.isfinite(df):
+        return float(stats.norm.ppf(1 - alpha / 2))
+    return float(stats.t.ppf(1 - alpha / 2, max(float(df), 1.0)))
+
+
+def p_value(effect: float, se: float, df: float | None = None) -> float:
+    """Two-sided p-value of effect / se: Student's t with `df` degrees of freedom (the estimator's
+    `df_`), normal when None (NaN when either is missing or se <= 0)."""
     if not (np.isfinite(effect) and np.isfinite(se)) or se <= 0:
         return np.nan
-    return float(2 * stats.norm.sf(abs(effect / se)))
+    if df is None or not np.isfinite(df):
+        return float(2 * stats.norm.sf(abs(effect / se)))
+    return float(2 * stats.t.sf(abs(effect / se), max(float(df), 1.0)))
 
 
 def holm(p_values) -> np.ndarray:

@@ -185,10 +185,14 @@ def _duplicates(good: pd.DataFrame, keys: list[str], name: str, what: str, value
     values = [v for v in values if v in good.columns]
     if good.empty:
         return good, pd.DataFrame(columns=REJECTED_COLUMNS)
-    work = good.copy()
+    key_tuples = pd.Series(list(zip(*[good[k] for k in keys])), index=good.index)
+    repeated = key_tuples.duplicated(keep=False)
+    if not repeated.any():  # the common case, in one pass: a key given once is kept as it is
+        return good, pd.DataFrame(columns=REJECTED_COLUMNS)
+    work = good[repeated].copy()  # only the keys given more than once are looked at one by one
     work["_sig"] = [json.dumps([None if v is None else v for v in row], default=str) for row in work[values].itertuples(index=False)]
-    work["_key"] = list(zip(*[work[k] for k in keys]))
-    kept_rows, refused = [], []
+    work["_key"] = key_tuples[repeated]
+    kept_rows, refused = list(good.index[~repeated]), []
     for _, group in work.groupby("_key", sort=False):
         ordered = group.sort_values([SOURCE, *values], na_position="first", kind="stable")
         versions = group["_sig"].nunique()

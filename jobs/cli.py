@@ -83,7 +83,7 @@ def cmd_validate_inputs(args, root: Path) -> int:
         print(f"{name}: {check.rows_read} row(s) read, {good} accepted, {len(check.rejected)} refused, "
               f"{len(check.refused_files)} file(s) refused" + (" (input unusable)" if check.error else ""))
     print(f"experiments: {len(result.experiments_accepted)} accepted ({', '.join(result.experiments_accepted) or 'none'}), "
-          f"{len(result.experiments)} refused")
+          f"{len(result.experiments)} refused" + (f", {len(result.kept)} running kept on their last valid spec" if result.kept else ""))
     unusable = [c.name for c in result.inputs.values() if c.error]
     say(f"validate-inputs: {result.refusals} refusal(s) in {time.time() - started:.1f}s")
     if unusable:

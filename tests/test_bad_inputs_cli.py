@@ -6,15 +6,16 @@ is what is checked:
 - `pricelab validate-inputs` (no Spark, seconds) for every experiment-file, sales, catalogue and
   trigger-event case, through `jobs.cli.main` (the console script's own entry point) in this
   process; a few through the installed console script itself, in a new process;
-- `pricelab publish` on a tiny published warehouse (Spark, `slow`, few) for the cases only the
-  warehouse shows.
+- `pricelab validate-inputs` on a tiny published warehouse for the running-experiment cases (it
+  reads the enrolments from the Delta log without Spark, as build-graph will judge the files);
+- `pricelab publish` on that warehouse (Spark, `slow`, few) for the cases only publishing shows.
 Asserted for each: the exit code; one output line holding the expected fragment and naming the
 file, field or row; every output line bounded; no traceback anywhere in stdout or stderr (Python's
 `Traceback`, Dagster's `Stack Trace:`, a `File "..."` frame); every file that was under the data
 directory before the command (inputs and warehouse) byte-identical after it, none gone, and
 nothing new outside the Dagster instance (and the lock file, for publish).
 
-Every case of the corpus is in exactly one of VALIDATE_CASES, PUBLISH_CASES and NOT_THROUGH_CLI
+Every case of the corpus is in exactly one of VALIDATE_CASES, RUNNING_CASES, WAREHOUSE_CASES and NOT_THROUGH_CLI
 (with the reason), so a new case cannot be left out silently. `benchmarks/edges_table.py` prints
 the table of cases and the lines the CLI printed, from these same runs.
 """
@@ -54,6 +55,7 @@ class Cli:
     expect: str | None = None
     code: int = 3
     command: tuple[str, ...] = VALIDATE
+    writes: tuple[str, ...] = ()  # what the command may add (new files only) besides the Dagster instance
 
 
 # every experiment-file, sales, catalogue and trigger-event case a user causes: validate-inputs
@@ -110,19 +112,27 @@ VALIDATE_CASES: dict[str, Cli] = {
     "trigger-event-not-a-date": Cli("trigger_events: {root}/input/trigger_events.csv row g1-0|soon: field 'date'"),
 }
 
+# running experiments (enrolled in the warehouse): validate-inputs on a copy of a published one
+RUNNING_CASES: dict[str, Cli] = {
+    "overlap-with-running": Cli("experiment refused: {root}/input/experiments/a-over.yaml: field 'population'"),
+    "name-hijack-sorting-first": Cli("experiment refused: {root}/input/experiments/a-hijack.yaml: field 'name'"),
+    "running-file-typo": Cli("RUNNING EXPERIMENT KEPT: experiment 'tb-kitchen'", "keeping its last valid spec"),
+    "running-file-removed": Cli("RUNNING EXPERIMENT KEPT: experiment 'tb-kitchen'"),
+    "running-file-renamed-experiment": Cli("RUNNING EXPERIMENT KEPT: experiment 'tb-kitchen'"),
+}
+
 # cases only a published warehouse shows: `pricelab publish` on a copy of one (slow)
-PUBLISH_CASES: dict[str, Cli] = {
+WAREHOUSE_CASES: dict[str, Cli] = {
     "unknown-partition": Cli("partition '2099-01-01' of daily_assignments does not exist", code=2, command=("publish", "2099-01-01")),
     "concurrent-publish": Cli("daily_assignments 2026-01-07..2026-01-07 not published: warehouse table 'daily_assignments'",
                               code=1, command=("publish", "2026-01-07")),
+    "history-too-short-for-graph": Cli("substitution_graph: snapshot", code=1, command=("build-graph",),
+                                       writes=("warehouse/catalog/", "warehouse/sales/", "warehouse/trigger_events/",
+                                               "warehouse/experiments/", "warehouse/quarantine/", "checkpoints/")),
 }
 
 # cases not run through the CLI here, and why
 NOT_THROUGH_CLI: dict[str, str] = {
-    **{c: "a running experiment: validate-inputs checks files as new ones (no warehouse, no Spark); "
-          "build-graph reads them against the enrolment (asset layer in test_bad_inputs.py), not run here through the CLI (minutes)"
-       for c in ("overlap-with-running", "name-hijack-sorting-first", "running-file-typo", "running-file-removed",
-                 "running-file-renamed-experiment")},
     **{c: "a fault, not a user's input: a killed or racing writer (storage layer in test_bad_inputs.py)"
        for c in ("kill-before-commit-leaves-orphan-files", "kill-mid-commit-leaves-temporary-log-file",
                  "concurrent-writer-holds-lock", "second-publish-of-a-day")},
@@ -142,9 +152,9 @@ CASES = {c.name: c for c in ALL_CASES}
 
 
 def test_every_case_of_the_corpus_is_placed_once():
-    placed = [*VALIDATE_CASES, *PUBLISH_CASES, *NOT_THROUGH_CLI]
+    placed = [*VALIDATE_CASES, *RUNNING_CASES, *WAREHOUSE_CASES, *NOT_THROUGH_CLI]
     assert sorted(placed) == sorted(CASES), set(placed) ^ set(CASES)
-    assert {c.name for c in EXPERIMENT_CASES + SALES_CASES + OTHER_INPUT_CASES} - set(NOT_THROUGH_CLI) == set(VALIDATE_CASES)
+    assert {c.name for c in EXPERIMENT_CASES + SALES_CASES + OTHER_INPUT_CASES} == set(VALIDATE_CASES) | set(RUNNING_CASES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,10 +275,42 @@ def cli_published_market(spark, tmp_path_factory) -> Path:
     return root
 
 
-def publish_case(name: str, base: Path, root: Path) -> str:
+def running_case(name: str, base: Path, root: Path, run) -> str:
+    """validate-inputs on a copy of the published market, where tb-kitchen and trig-garden run."""
+    case, cli = CASES[name], RUNNING_CASES[name]
+    shutil.copytree(base, root)
+    case.breaks(root)
+    before = tree_checksums(root)
+    ran = run(root, cli.command)
+    line = judge(ran, cli, case, root)
+    assert_nothing_written_changed(before, tree_checksums(root), may_add=(".dagster_home",))
+    return line
+
+
+@pytest.mark.parametrize("name", sorted(RUNNING_CASES))
+def test_validate_inputs_running_case(name, cli_published_market, tmp_path, monkeypatch):
+    running_case(name, cli_published_market, tmp_path / "data", lambda root, command: run_in_process(root, command, monkeypatch))
+
+
+def test_validate_inputs_reads_the_running_experiments_as_build_graph_does(spark, cli_published_market):
+    """The registry and the accepted experiments read from the Delta log without Spark give the
+    running specs the `experiments` asset computes through Spark."""
+    from assets.inputs import read_registry
+    from pipelines import experiments as ex
+    from pipelines.storage import Warehouse
+    from pipelines.validation import running_from_warehouse
+
+    warehouse = Warehouse(cli_published_market)
+    through_spark = ex.running_specs(read_registry(warehouse), warehouse.read(spark, "experiments").toPandas())
+    without_spark, note = running_from_warehouse(cli_published_market)
+    assert note is None and sorted(through_spark) == ["tb-kitchen", "trig-garden"]
+    assert without_spark == through_spark
+
+
+def warehouse_case(name: str, base: Path, root: Path) -> str:
     from pipelines.storage import Warehouse
 
-    case, cli = CASES[name], PUBLISH_CASES[name]
+    case, cli = CASES[name], WAREHOUSE_CASES[name]
     shutil.copytree(base, root)
     case.breaks(root)
     before = tree_checksums(root)
@@ -279,11 +321,11 @@ def publish_case(name: str, base: Path, root: Path) -> str:
     else:
         ran = run_console_script(root, cli.command)
     line = judge(ran, cli, case, root)
-    assert_nothing_written_changed(before, tree_checksums(root), may_add=(".dagster_home", "warehouse/.locks"))
+    assert_nothing_written_changed(before, tree_checksums(root), may_add=(".dagster_home", "warehouse/.locks", *cli.writes))
     return line
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(PUBLISH_CASES))
-def test_publish_case(name, cli_published_market, tmp_path):
-    publish_case(name, cli_published_market, tmp_path / "data")
+@pytest.mark.parametrize("name", sorted(WAREHOUSE_CASES))
+def test_warehouse_case(name, cli_published_market, tmp_path):
+    warehouse_case(name, cli_published_market, tmp_path / "data")

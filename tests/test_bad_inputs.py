@@ -542,13 +542,23 @@ RANGE = {"dagster/asset_partition_range_start": PUBLISHED[0], "dagster/asset_par
 INPUT_ASSETS = ["catalog", "sales", "trigger_events", "experiments"]
 
 
+_PUBLISHED: dict[str, Path] = {}
+
+
+def published_market_root(tmp_path_factory) -> Path:
+    """Inputs read and the first two days published: built once per test session (the CLI cases
+    of test_bad_inputs_cli.py use it too), never written to after; every case works on a copy."""
+    if "root" not in _PUBLISHED:
+        root = write_market(tmp_path_factory.mktemp("asset") / "data")
+        assert materialize(root, INPUT_ASSETS).success
+        assert materialize(root, ["daily_assignments"], tags=RANGE).success
+        _PUBLISHED["root"] = root
+    return _PUBLISHED["root"]
+
+
 @pytest.fixture(scope="module")
 def published_market(spark, tmp_path_factory) -> Path:
-    """Inputs read and the first two days published."""
-    root = write_market(tmp_path_factory.mktemp("asset") / "data")
-    assert materialize(root, INPUT_ASSETS).success
-    assert materialize(root, ["daily_assignments"], tags=RANGE).success
-    return root
+    return published_market_root(tmp_path_factory)
 
 
 def _publish(root, day: str):

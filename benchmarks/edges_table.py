@@ -57,7 +57,8 @@ def main() -> int:
             assert materialize(base, ["daily_assignments"], tags=RANGE).success
             for name in sorted(t.RUNNING_CASES):
                 line = t.running_case(name, base, work / name / "data", in_process)
-                printed[name] = ("pricelab validate-inputs (published warehouse)", t.RUNNING_CASES[name].code, line)
+                printed[name] = ("pricelab validate-inputs" + (" (fresh warehouse)" if name in t.FRESH else " (published warehouse)"),
+                                 t.RUNNING_CASES[name].code, line)
             for name in sorted({**t.WAREHOUSE_CASES, **t.TABLE_ONLY_CASES}):
                 cli = {**t.WAREHOUSE_CASES, **t.TABLE_ONLY_CASES}[name]
                 line = t.warehouse_case(name, base, work / name / "data")

@@ -405,4 +405,6 @@ def validate_inputs(data_dir: str | Path, today: date | None = None, running=Non
         refused = [str(e) for e in loaded.refused] + list(loaded.ignored)
         accepted = [s.name for s in loaded.specs]
         kept = list(loaded.kept)
+        if not experiment_files.experiment_file_paths(directory) and not running:
+            notes.append(f"no experiment file in {directory}: no experiment will be published")
     return Validation({"catalog": catalog, "sales": sales, "trigger_events": triggers}, refused, accepted, notes, kept)

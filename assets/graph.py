@@ -6,6 +6,7 @@ assignments may depend on is never rewritten.
 """
 
 import datetime as dt
+import inspect
 
 import dagster as dg
 from pyspark.sql import functions as F
@@ -36,6 +37,20 @@ def resolve_snapshot_date(config: SnapshotConfig, sales) -> dt.date:
     return last + dt.timedelta(days=1)
 
 
+def short_history_message(sales, snapshot: dt.date) -> str:
+    """Why no snapshot can be built: the days of sales in its window, against the minimum."""
+    defaults = inspect.signature(graph.learn_substitution).parameters
+    window_days, min_overlap = defaults["window_days"].default, defaults["min_overlap"].default
+    first = snapshot - dt.timedelta(days=window_days)
+    days = sales.where((F.col("date") >= F.lit(first)) & (F.col("date") < F.lit(snapshot))).agg(
+        F.countDistinct("date").alias("n"), F.min("date").alias("lo"), F.max("date").alias("hi")).first()
+    held = f"{days['n']} day(s), {days['lo']}..{days['hi']}" if days["n"] else "none"
+    return (f"substitution_graph: snapshot {snapshot} not built: no candidate pair of products (same subclass, or input/related_pairs) has {min_overlap} days of "
+            f"sales together in the {window_days} days before it (sales there: {held}); the graph needs at least "
+            f"{min_overlap} days of history. Nothing of this snapshot was written; product-unit experiments can still be published "
+            "(pricelab publish), cluster-unit ones wait for a snapshot")
+
+
 def _build_snapshot(context, spark, warehouse, snapshot: dt.date) -> bool:
     """Build snapshot `snapshot` unless it exists (snapshots are never rewritten); True when reused."""
     partition = ("snapshot_date", snapshot.isoformat())
@@ -48,6 +63,8 @@ def _build_snapshot(context, spark, warehouse, snapshot: dt.date) -> bool:
     context.log.info(f"building the substitution graph for snapshot {snapshot} (365 days of history)")
     with spark_progress(spark, f"substitution graph {snapshot}", context.log.info):
         learned = graph.learn_substitution(sales, catalog, snapshot, related_pairs=related)
+    if learned.blocks.empty:  # not one candidate pair with enough days together: nothing to write, ever
+        raise dg.Failure(description=short_history_message(sales, snapshot))
     warehouse.write(spark.createDataFrame(learned.blocks), graph.BLOCKS_TABLE, partition)
     warehouse.write(learned.edges, "substitution_graph", partition)
     return False

@@ -83,7 +83,7 @@ def cmd_validate_inputs(args, root: Path) -> int:
         print(f"{name}: {check.rows_read} row(s) read, {good} accepted, {len(check.rejected)} refused, "
               f"{len(check.refused_files)} file(s) refused" + (" (input unusable)" if check.error else ""))
     print(f"experiments: {len(result.experiments_accepted)} accepted ({', '.join(result.experiments_accepted) or 'none'}), "
-          f"{len(result.experiments)} refused")
+          f"{len(result.experiments)} refused" + (f", {len(result.kept)} running kept on their last valid spec" if result.kept else ""))
     unusable = [c.name for c in result.inputs.values() if c.error]
     say(f"validate-inputs: {result.refusals} refusal(s) in {time.time() - started:.1f}s")
     if unusable:
@@ -139,6 +139,42 @@ def _check_lines(evaluation) -> list[str]:
     return lines
 
 
+def one_line(text: str, limit: int = 1000) -> str:
+    """A log message as one bounded line: a failure's stack trace cut off (the run's log in the
+    instance keeps it, `pricelab ui`), the other line breaks folded."""
+    head = text.split("\nStack Trace:", 1)[0]
+    line = " ".join(head.replace("dagster._core.definitions.events.Failure: ", "").split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def console_logger():
+    """The runs' console logger: Dagster's format, one line per record (no stack traces)."""
+    import logging
+
+    import dagster as dg
+
+    class OneLineFormatter(logging.Formatter):
+        def formatMessage(self, record: logging.LogRecord) -> str:
+            record.message = one_line(record.message)
+            return super().formatMessage(record)
+
+        def formatException(self, ei) -> str:  # an exception logged with exc_info: its last line only
+            return ""
+
+    @dg.logger(
+        {"log_level": dg.Field(str, is_required=False, default_value="INFO")},
+        description="pricelab's console logger: one line per record; stack traces stay in the run's log.",
+    )
+    def one_line_console(init_context):
+        log = logging.Logger("dagster", level=init_context.logger_config["log_level"].upper())
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(OneLineFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s", "%Y-%m-%d %H:%M:%S %z"))
+        log.addHandler(handler)
+        return log
+
+    return one_line_console
+
+
 def execute(job_name: str, outcome: Outcome, partition_key: str | None = None, tags: dict | None = None,
             run_config: dict | None = None) -> bool:
     """Run one job in this process (one Spark driver), recorded in the instance; True when it succeeded."""
@@ -150,7 +186,8 @@ def execute(job_name: str, outcome: Outcome, partition_key: str | None = None, t
     started = time.time()
     where = os.environ.get("PRICELAB_SPARK_REMOTE") and f"Spark Connect {os.environ['PRICELAB_SPARK_REMOTE']}"
     say(f"{job_name}: started (" + (where or f"Spark master {os.environ.get('PRICELAB_SPARK_MASTER') or 'local[*]'}") + ")")
-    result = defs.get_job_def(job_name).execute_in_process(
+    job = defs.get_job_def(job_name).with_logger_defs({"console": console_logger()})
+    result = job.execute_in_process(
         run_config=config, instance=instance, partition_key=partition_key,
         tags={**(tags or {}), **run_tags()}, raise_on_error=False,
     )

@@ -49,6 +49,7 @@ class Validation:
     experiments: list[str]
     experiments_accepted: list[str]
     notes: list[str]
+    kept: list[str] = field(default_factory=list)  # running experiments kept on their last valid spec
 
     def messages(self, examples_per_reason: int | None = None) -> list[str]:
         """One line per refusal: input errors, refused files, refused rows, refused experiment files."""
@@ -60,11 +61,13 @@ class Validation:
             for row in check.rejected.itertuples(index=False):
                 lines.append(f"{check.name}: {row.file} row {row.row_key}: field '{row.field}' {row.reason}")
         lines.extend(f"experiment refused: {m}" for m in self.experiments)
+        lines.extend(f"RUNNING EXPERIMENT KEPT: {m}" for m in self.kept)
         return lines
 
     @property
     def refusals(self) -> int:
-        return sum(bool(c.error) + len(c.refused_files) + len(c.rejected) for c in self.inputs.values()) + len(self.experiments)
+        return (sum(bool(c.error) + len(c.refused_files) + len(c.rejected) for c in self.inputs.values())
+                + len(self.experiments) + len(self.kept))
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -185,10 +188,14 @@ def _duplicates(good: pd.DataFrame, keys: list[str], name: str, what: str, value
     values = [v for v in values if v in good.columns]
     if good.empty:
         return good, pd.DataFrame(columns=REJECTED_COLUMNS)
-    work = good.copy()
+    key_tuples = pd.Series(list(zip(*[good[k] for k in keys])), index=good.index)
+    repeated = key_tuples.duplicated(keep=False)
+    if not repeated.any():  # the common case, in one pass: a key given once is kept as it is
+        return good, pd.DataFrame(columns=REJECTED_COLUMNS)
+    work = good[repeated].copy()  # only the keys given more than once are looked at one by one
     work["_sig"] = [json.dumps([None if v is None else v for v in row], default=str) for row in work[values].itertuples(index=False)]
-    work["_key"] = list(zip(*[work[k] for k in keys]))
-    kept_rows, refused = [], []
+    work["_key"] = key_tuples[repeated]
+    kept_rows, refused = list(good.index[~repeated]), []
     for _, group in work.groupby("_key", sort=False):
         ordered = group.sort_values([SOURCE, *values], na_position="first", kind="stable")
         versions = group["_sig"].nunique()
@@ -309,18 +316,87 @@ def check_trigger_events(data_dir: Path) -> InputCheck:
     return check
 
 
+def read_delta_table(path: Path) -> pd.DataFrame | None:
+    """A small local Delta table read without Spark: its log's JSON commits replayed from version 0
+    (files added minus files removed), the live Parquet files read with pyarrow, partition values
+    added as text columns. None when the table does not exist or needs more than this reader has
+    (reader protocol above 1, deletion vectors, a log whose early commits were cleaned up)."""
+    log = path / "_delta_log"
+    if not log.is_dir():
+        return None
+    versions = sorted(int(p.name[:20]) for p in log.iterdir() if len(p.name) == 25 and p.name.endswith(".json") and p.name[:20].isdigit())
+    if not versions or versions != list(range(len(versions))):
+        return None
+    live: dict[str, dict] = {}
+    partition_columns: list[str] = []
+    for version in versions:
+        for text in (log / f"{version:020d}.json").read_text().splitlines():
+            action = json.loads(text) if text.strip() else {}
+            if "protocol" in action and int(action["protocol"].get("minReaderVersion", 1)) > 1:
+                return None
+            if "metaData" in action:
+                partition_columns = list(action["metaData"].get("partitionColumns") or [])
+            if "add" in action:
+                if action["add"].get("deletionVector"):
+                    return None
+                live[action["add"]["path"]] = action["add"].get("partitionValues") or {}
+            if "remove" in action:
+                live.pop(action["remove"]["path"], None)
+    from urllib.parse import unquote
+
+    frames = []
+    for relative, values in sorted(live.items()):
+        frame = pq.read_table(path / unquote(relative)).to_pandas()
+        for column in partition_columns:
+            frame[column] = values.get(column)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def running_from_warehouse(data_dir: Path):
+    """The running experiments (name -> last valid spec, as the `experiments` asset computes them)
+    from the local warehouse without Spark, and a note when they cannot be read that way."""
+    import os
+    from urllib.parse import urlparse
+
+    from pipelines import experiments as experiment_files
+
+    url = os.environ.get("PRICELAB_WAREHOUSE_URL") or str(Path(data_dir) / "warehouse")
+    if urlparse(url).scheme not in ("", "file"):
+        return {}, f"running experiments not checked: the warehouse is at {url} (validate-inputs reads local tables only)"
+    tables = Path(urlparse(url).path if url.startswith("file:") else url)
+    registry_path = tables / experiment_files.REGISTRY_TABLE
+    if not (registry_path / "_delta_log").is_dir():
+        return {}, None
+    registry = read_delta_table(registry_path)
+    if registry is None:
+        return {}, f"running experiments not checked: {registry_path} cannot be read without Spark (build-graph checks them)"
+    if registry.empty:
+        return {}, None
+    registry = registry.drop(columns="experiment", errors="ignore").sort_values("name").reset_index(drop=True)
+    previous = read_delta_table(tables / "experiments")
+    running = experiment_files.running_specs(registry, previous)
+    for name in experiment_files.retired_names(tables) & set(running):
+        running.pop(name)
+    return running, None
+
+
 def validate_inputs(data_dir: str | Path, today: date | None = None, running=None) -> Validation:
     """Check every input under `<data_dir>/input/`: catalogue, sales, trigger events, experiment
-    files (against the catalogue, and against `running` specs when given). Never starts Spark."""
+    files (against the catalogue, and against `running` specs: by default the running
+    experiments of the local warehouse, as build-graph will see them). Never starts Spark."""
     from pipelines import experiments as experiment_files
 
     data_dir = Path(data_dir)
+    notes: list[str] = []
+    if running is None:
+        running, note = running_from_warehouse(data_dir)
+        notes += [note] if note else []
     catalog = check_catalog(data_dir)
     known = catalog.good[CATALOG_REQUIRED] if catalog.good is not None else None
     sales = check_sales(data_dir, known, today)
     triggers = check_trigger_events(data_dir)
-    notes: list[str] = []
-    refused, accepted = [], []
+    refused, accepted, kept = [], [], []
     directory = data_dir / "input" / "experiments"
     if known is None:
         notes.append("experiment files not checked against the catalogue: the catalogue is unusable")
@@ -328,5 +404,7 @@ def validate_inputs(data_dir: str | Path, today: date | None = None, running=Non
         loaded = experiment_files.load_experiment_directory(directory, known, running)
         refused = [str(e) for e in loaded.refused] + list(loaded.ignored)
         accepted = [s.name for s in loaded.specs]
-        notes.extend(loaded.kept)
-    return Validation({"catalog": catalog, "sales": sales, "trigger_events": triggers}, refused, accepted, notes)
+        kept = list(loaded.kept)
+        if not experiment_files.experiment_file_paths(directory) and not running:
+            notes.append(f"no experiment file in {directory}: no experiment will be published")
+    return Validation({"catalog": catalog, "sales": sales, "trigger_events": triggers}, refused, accepted, notes, kept)

@@ -306,6 +306,7 @@ ASSET_CASES = [
     Case("population-edit-after-publish-ignored", "asset", lambda root: edit_running(root, "categories: [kitchen]", "subclasses: [k1]"), "stays frozen because days with its rows are published", "published days", slow=True),
     Case("population-edit-before-any-publish", "asset", lambda root: None, "enrolment recomputed", "the enrolment follows the edit", slow=True),
     Case("split-unit-blocked-before-write", "asset", lambda root: None, "not published: assignments: FAILED", "published days (and the day refused is not written)"),
+    Case("history-too-short-for-graph", "asset", lambda root: None, "the graph needs at least 60 days of history", "published days (and no snapshot written)"),
     Case("refused-trigger-rows-quarantined", "asset", lambda root: pd.concat([pd.read_parquet(root / "input" / "trigger_events.parquet"), pd.DataFrame({"product_id": [None], "date": [dt.date(2026, 1, 8)], "event": ["competitor_discount"]})]).to_parquet(root / "input" / "trigger_events.parquet", index=False), "quarantine/trigger_events: product_id is empty", "published days"),
 ]
 
@@ -507,10 +508,11 @@ def materialize(root: Path, selection, **kwargs):
     """`dagster.materialize` of the input and publishing assets; the result carries its instance
     (`result.logs_instance`) so the run's log lines can be read back."""
     from assets import assignments as assignment_assets
+    from assets import graph as graph_assets
     from assets import inputs as input_assets
     from jobs.resources import SparkResource, WarehouseResource
 
-    assets = dg.load_assets_from_modules([input_assets, assignment_assets])
+    assets = dg.load_assets_from_modules([input_assets, assignment_assets, graph_assets])
     resources = {"spark": SparkResource(), "warehouse": WarehouseResource(data_dir=str(root))}
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(assets, selection=selection, resources=resources, raise_on_error=False, instance=instance, **kwargs)
@@ -540,13 +542,23 @@ RANGE = {"dagster/asset_partition_range_start": PUBLISHED[0], "dagster/asset_par
 INPUT_ASSETS = ["catalog", "sales", "trigger_events", "experiments"]
 
 
+_PUBLISHED: dict[str, Path] = {}
+
+
+def published_market_root(tmp_path_factory) -> Path:
+    """Inputs read and the first two days published: built once per test session (the CLI cases
+    of test_bad_inputs_cli.py use it too), never written to after; every case works on a copy."""
+    if "root" not in _PUBLISHED:
+        root = write_market(tmp_path_factory.mktemp("asset") / "data")
+        assert materialize(root, INPUT_ASSETS).success
+        assert materialize(root, ["daily_assignments"], tags=RANGE).success
+        _PUBLISHED["root"] = root
+    return _PUBLISHED["root"]
+
+
 @pytest.fixture(scope="module")
 def published_market(spark, tmp_path_factory) -> Path:
-    """Inputs read and the first two days published."""
-    root = write_market(tmp_path_factory.mktemp("asset") / "data")
-    assert materialize(root, INPUT_ASSETS).success
-    assert materialize(root, ["daily_assignments"], tags=RANGE).success
-    return root
+    return published_market_root(tmp_path_factory)
 
 
 def _publish(root, day: str):
@@ -631,6 +643,11 @@ def test_asset_case(case, spark, published_market, tmp_path):
         assert not result.success
         messages += run_messages(result)
         assert not warehouse.exists("daily_assignments", ("date", "2026-01-07"))
+    elif case.name == "history-too-short-for-graph":  # the market holds 30 days of sales; the graph needs 60
+        result = materialize(root, ["substitution_graph"])
+        assert not result.success
+        messages += run_messages(result)
+        assert not warehouse.exists("substitution_graph") and not warehouse.exists("substitution_blocks")
     elif case.name == "refused-trigger-rows-quarantined":
         result = materialize(root, ["trigger_events"])
         assert result.success

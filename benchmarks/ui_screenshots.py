@@ -10,7 +10,8 @@ Pages: the runs of each job (the job's Runs tab), every run, and the `daily_assi
     apt-get install chromium           # the browser: Debian's (Playwright's own download is not used)
     .venv/bin/python benchmarks/ui_screenshots.py [--out benchmarks/screenshots] [--chromium /usr/bin/chromium]
 
-Prints one line per page: the file, its size, and the run rows the page lists (counted in the page).
+Prints one line per page: the file, its size, and the distinct runs the page links to. The last
+page is the first check's Partitions tab, where the UI shows each day's check status.
 """
 from __future__ import annotations
 
@@ -58,6 +59,16 @@ def wait_until_up(url: str, seconds: float) -> None:
     raise SystemExit(f"the Dagster webserver did not answer at {url} within {seconds:.0f}s")
 
 
+def shown(target: Path, path: str, page) -> None:
+    """One line per page: the file, its size, and the distinct runs it links to (the runs a
+    Runs tab lists; Dagster draws its tables with divs, so rows are counted by their run links)."""
+    links = page.locator("a[href*='/runs/']")
+    runs = {h.rstrip("/").rsplit("/", 1)[-1] for h in (links.nth(i).get_attribute("href") or "" for i in range(links.count()))
+            if "/runs/" in h}
+    where = target.relative_to(ROOT) if target.is_relative_to(ROOT) else target
+    print(f"{where}: {target.stat().st_size // 1024} KB, {len(runs)} run(s) linked on the page ({path})", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "screenshots"))
@@ -91,9 +102,15 @@ def main() -> int:
                 page.wait_for_timeout(args.settle * 1000)
                 target = out / f"{name}.png"
                 page.screenshot(path=str(target), full_page=False)
-                rows = page.locator("table tbody tr").count()
-                print(f"{target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}: "
-                      f"{target.stat().st_size // 1024} KB, {rows} table row(s) on the page ({path})", flush=True)
+                shown(target, path, page)
+            # the first check's own Partitions tab: the per-day statuses the UI derives for it
+            page.goto(url + "/assets/daily_assignments?view=checks", wait_until="networkidle", timeout=120_000)
+            page.wait_for_timeout(args.settle * 1000)
+            page.get_by_text("Partitions", exact=True).last.click()
+            page.wait_for_timeout(args.settle * 1000)
+            target = out / "asset_daily_assignments_check_partitions.png"
+            page.screenshot(path=str(target), full_page=False)
+            shown(target, "(checks, first check, Partitions tab)", page)
             browser.close()
     finally:
         os.killpg(webserver.pid, signal.SIGTERM)

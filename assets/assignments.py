@@ -18,6 +18,10 @@ import datetime as dt
 from pathlib import Path
 
 import dagster as dg
+# Not exported by dagster; a per-partition check evaluation needs it to count as current (see below).
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -85,15 +89,43 @@ def _changed_days(new: DataFrame, published: DataFrame) -> list[dict]:
         ),
     ],
 )
-def daily_assignments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def daily_assignments(context: dg.AssetExecutionContext):
     """(date, experiment, product_id, unit_id, arm, blackout, price_change) for each day."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     days = _days(context.partition_time_window)
     try:
         with warehouse.lock("daily_assignments"):
-            return _publish(context, spark, warehouse, days)
+            result = _publish(context, spark, warehouse, days)
     except WarehouseLockedError as error:
         raise dg.Failure(description=f"daily_assignments {days[0]}..{days[-1]} not published: {error}") from None
+    yield result
+    if len(days) > 1:
+        _record_checks_on_each_day(context, result.check_results, days)
+
+
+def _record_checks_on_each_day(context: dg.AssetExecutionContext, check_results, days: list[dt.date]) -> None:
+    """A range run (a backfill) records its per-day checks on each of its days, so the UI shows each
+    day's check status. Dagster keys that status on the materialization a check evaluated, and a range
+    run's own check results carry no partition, so each day's evaluation names that day's materialization
+    (written when the result above was yielded)."""
+    blocking = {ASSIGNMENT_CONTRACT: True, UNITS_MOVE_TOGETHER: True, EXPERIMENTS_PUBLISHED: False}
+    key = dg.AssetKey("daily_assignments")
+    for day in days:
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[day.isoformat()]), limit=1
+        ).records
+        target = records[0] if records and records[0].run_id == context.run.run_id else None
+        for result in check_results:
+            if result.check_name not in blocking:  # PUBLISHED_UNCHANGED is about the whole table
+                continue
+            context.log_event(dg.AssetCheckEvaluation(
+                asset_key=key, check_name=result.check_name, passed=result.passed,
+                metadata=result.metadata, severity=result.severity, blocking=blocking[result.check_name],
+                partition=day.isoformat(),
+                target_materialization_data=AssetCheckEvaluationTargetMaterializationData(
+                    run_id=target.run_id, storage_id=target.storage_id, timestamp=target.timestamp,
+                ) if target else None,
+            ))
 
 
 def _published_rows_exist(spark, warehouse, spec) -> bool:
@@ -262,15 +294,4 @@ def _publish(context, spark, warehouse, days: list[dt.date]) -> dg.MaterializeRe
             },
         ),
     ]
-    if len(days) > 1:  # a range run (a backfill): the per-day checks are recorded on each of its days too
-        blocking = {ASSIGNMENT_CONTRACT: True, UNITS_MOVE_TOGETHER: True, EXPERIMENTS_PUBLISHED: False}
-        for result in check_results:
-            if result.check_name not in blocking:  # PUBLISHED_UNCHANGED is about the whole table
-                continue
-            for day in days:
-                context.log_event(dg.AssetCheckEvaluation(
-                    asset_key=dg.AssetKey("daily_assignments"), check_name=result.check_name, passed=result.passed,
-                    metadata=result.metadata, severity=result.severity, blocking=blocking[result.check_name],
-                    partition=day.isoformat(),
-                ))
     return dg.MaterializeResult(metadata=metadata, check_results=check_results)

@@ -74,7 +74,7 @@ bench-setup: setup
 	$(VENV)/bin/uv pip install --quiet --python $(PY) -c requirements.lock -e ".[bench]"
 
 test: setup
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -38,6 +38,7 @@ EXPERIMENTS_PUBLISHED = "experiments_published"
 PUBLISHED_UNCHANGED = "published_days_unchanged"
 AUDITED_DAYS = 10  # at most this many of the run's already-published days (the latest) compared with their first publication
 CALENDAR_UNITS = 40
+PANDAS_CHECK_ROWS = 2_000_000  # up to this many computed rows are checked on pandas (a day of a large catalogue)
 
 
 def _days(window) -> list[dt.date]:
@@ -204,7 +205,10 @@ def _publish(context, spark, warehouse, days: list[dt.date]) -> dg.MaterializeRe
     rows = assignment.assign_experiments(runnable, units_by_experiment, days, events).cache()
 
     # blocking validation of the rows BEFORE anything is written
-    outcome = quality.validate(rows, "assignments", quality.assignment_expectations())
+    n_rows = rows.count()
+    checked = rows.toPandas() if n_rows <= PANDAS_CHECK_ROWS else rows
+    outcome = quality.validate(checked, "assignments", quality.assignment_expectations())
+    del checked
     n_split, split_examples = quality.split_units(rows)
     if not outcome.passed or n_split:
         rows.unpersist()

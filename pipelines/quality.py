@@ -1,8 +1,10 @@
-"""Data-quality suites, run with great-expectations 1.x on Spark DataFrames.
+"""Data-quality suites, run with great-expectations 1.x on Spark or pandas DataFrames.
 
 Suites are plain lists of GX expectations built in code; `validate` runs one against a
 DataFrame in an ephemeral GX context (no files, analytics off) and returns a small, serialisable
 outcome: passed or not, and for each failed expectation the column, the count and example values.
+The same suite runs on either engine: large tables stay on Spark; a small batch (one day's
+assignments) is checked on pandas, where GX's many small Spark jobs would cost seconds each.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
 import great_expectations as gx  # noqa: E402
 import great_expectations.expectations as gxe  # noqa: E402
+import pandas as pd  # noqa: E402
 from pyspark.sql import DataFrame  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
@@ -40,7 +43,7 @@ class QualityOutcome:
 
 
 @lru_cache(maxsize=1)
-def _spark_batch_definition():
+def _context():
     context = gx.get_context(mode="ephemeral")
     try:
         from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -48,14 +51,20 @@ def _spark_batch_definition():
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
     except Exception:  # progress bars are cosmetic; an older GX simply keeps them
         pass
-    source = context.data_sources.add_spark("pricelab_spark")
-    asset = source.add_dataframe_asset("frame")
-    return context, asset.add_batch_definition_whole_dataframe("whole")
+    return context
 
 
-def validate(df: DataFrame, suite_name: str, expectations: list) -> QualityOutcome:
-    """Run expectations against a Spark DataFrame; never raises on bad data, reports it."""
-    context, batch_definition = _spark_batch_definition()
+@lru_cache(maxsize=2)
+def _batch_definition(engine: str):
+    """GX's whole-DataFrame batch definition on `engine` ("spark" or "pandas"), made once."""
+    sources = _context().data_sources
+    source = sources.add_spark("pricelab_spark") if engine == "spark" else sources.add_pandas("pricelab_pandas")
+    return source.add_dataframe_asset("frame").add_batch_definition_whole_dataframe("whole")
+
+
+def validate(df: DataFrame | pd.DataFrame, suite_name: str, expectations: list) -> QualityOutcome:
+    """Run expectations against a Spark or pandas DataFrame; never raises on bad data, reports it."""
+    batch_definition = _batch_definition("pandas" if isinstance(df, pd.DataFrame) else "spark")
     suite = gx.ExpectationSuite(name=suite_name, expectations=[e.copy() for e in expectations])
     batch = batch_definition.get_batch(batch_parameters={"dataframe": df})
     result = batch.validate(suite, result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5})

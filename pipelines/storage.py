@@ -42,6 +42,8 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from pipelines.delta_log import read_local_delta
+
 # Write-once tables and their partition key: a published partition never changes.
 PUBLISHED = {"daily_assignments": "date"}
 
@@ -212,6 +214,27 @@ def _parse_metadata(text) -> dict | None:
 
 
 _PARTITIONS: dict[tuple[str, str], tuple[tuple, list[str]]] = {}  # (table uri, key) -> (version, values)
+
+
+def _logged_partition_values(path: Path, key: str) -> set[str] | None:
+    """Values of partition column `key` from a local table's Delta log (no Spark job): the live
+    files' partition values plus those pricelab's commits recorded (an empty partition has no
+    file). None when the log cannot be read that way or `key` is not a partition column."""
+    table = read_local_delta(path)
+    if table is None:
+        return None
+    try:
+        if key not in table.metadata().partition_columns:
+            return None
+        values = {str(part.get(key)) for part in table.partitions()}
+        commits = table.history()
+    except Exception:  # noqa: BLE001
+        return None
+    for commit in commits:
+        meta = _parse_metadata(commit.get("userMetadata"))
+        if meta and meta.get("key") == key:
+            values.update(str(v) for v in meta.get("values", []))
+    return values
 
 
 class Warehouse:
@@ -393,14 +416,15 @@ class Warehouse:
         cached = _PARTITIONS.get((self.uri(table), key))
         if version is not None and cached is not None and cached[0] == version:
             return list(cached[1])
-        spark = _session()
-        frame = spark.read.format("delta").load(self.uri(table))
-        if key not in frame.columns:
-            return []
-        values = {str(r[0]) for r in frame.select(key).distinct().collect()}
-        for meta in self.history(table)["metadata"]:
-            if meta and meta.get("key") == key:
-                values.update(str(v) for v in meta.get("values", []))
+        values = _logged_partition_values(self.path(table), key) if self.local_tables else None
+        if values is None:  # a remote table, or a log delta-rs cannot read: ask Spark
+            frame = _session().read.format("delta").load(self.uri(table))
+            if key not in frame.columns:
+                return []
+            values = {str(r[0]) for r in frame.select(key).distinct().collect()}
+            for meta in self.history(table)["metadata"]:
+                if meta and meta.get("key") == key:
+                    values.update(str(v) for v in meta.get("values", []))
         if version is not None:
             _PARTITIONS[(self.uri(table), key)] = (version, sorted(values))
         return sorted(values)

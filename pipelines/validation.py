@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipelines.contract import FUTURE_TOLERANCE_DAYS, MESSAGE_CHARS, _file_columns, _input_suffix, _one_line, input_listing, today_utc
+from pipelines.delta_log import read_local_delta
 
 SOURCE = "_source_file"
 REJECTED_COLUMNS = ["input", "file", "row_key", "field", "reason"]
@@ -317,40 +318,19 @@ def check_trigger_events(data_dir: Path) -> InputCheck:
 
 
 def read_delta_table(path: Path) -> pd.DataFrame | None:
-    """A small local Delta table read without Spark: its log's JSON commits replayed from version 0
-    (files added minus files removed), the live Parquet files read with pyarrow, partition values
-    added as text columns. None when the table does not exist or needs more than this reader has
-    (reader protocol above 1, deletion vectors, a log whose early commits were cleaned up)."""
-    log = path / "_delta_log"
-    if not log.is_dir():
+    """A small local Delta table read without Spark (by delta-rs), partition values as text
+    columns; None when the table does not exist or delta-rs cannot read it."""
+    table = read_local_delta(path) if (path / "_delta_log").is_dir() else None
+    if table is None:
         return None
-    versions = sorted(int(p.name[:20]) for p in log.iterdir() if len(p.name) == 25 and p.name.endswith(".json") and p.name[:20].isdigit())
-    if not versions or versions != list(range(len(versions))):
+    try:
+        frame = table.to_pandas()
+        partition_columns = table.metadata().partition_columns
+    except Exception:  # noqa: BLE001 - unreadable this way: the caller says so
         return None
-    live: dict[str, dict] = {}
-    partition_columns: list[str] = []
-    for version in versions:
-        for text in (log / f"{version:020d}.json").read_text().splitlines():
-            action = json.loads(text) if text.strip() else {}
-            if "protocol" in action and int(action["protocol"].get("minReaderVersion", 1)) > 1:
-                return None
-            if "metaData" in action:
-                partition_columns = list(action["metaData"].get("partitionColumns") or [])
-            if "add" in action:
-                if action["add"].get("deletionVector"):
-                    return None
-                live[action["add"]["path"]] = action["add"].get("partitionValues") or {}
-            if "remove" in action:
-                live.pop(action["remove"]["path"], None)
-    from urllib.parse import unquote
-
-    frames = []
-    for relative, values in sorted(live.items()):
-        frame = pq.read_table(path / unquote(relative)).to_pandas()
-        for column in partition_columns:
-            frame[column] = values.get(column)
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    for column in partition_columns:
+        frame[column] = [None if v is None else str(v) for v in frame[column]]
+    return frame
 
 
 def running_from_warehouse(data_dir: Path):

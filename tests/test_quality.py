@@ -44,6 +44,23 @@ def test_assignment_suite_catches_two_arms_for_one_product_day(spark):
     assert "expect_compound_columns_to_be_unique" in failed and "expect_column_values_to_be_in_set" in failed
 
 
+def test_the_assignment_suite_reports_the_same_on_pandas_as_on_spark(spark):
+    """A day's rows are checked on pandas (assets/assignments.py): same verdict, counts and examples."""
+    schema = "date date, experiment string, product_id string, unit_id string, arm string, blackout boolean, price_change double"
+    day = dt.date(2026, 1, 5)
+    rows = [(day, "e", f"P{i}", f"C{i // 2}", "treatment" if i % 2 else "control", False, -0.1) for i in range(30)]
+    rows += [(day, "f", "P1", "P1", "control", False, 0.0), (day, "e", "P40", None, "placebo", None, 0.0)]
+    frame = spark.createDataFrame(rows, schema)
+    on_spark = quality.validate(frame, "a", quality.assignment_expectations())
+    on_pandas = quality.validate(frame.toPandas(), "a", quality.assignment_expectations())
+    assert not on_spark.passed and not on_pandas.passed and on_spark.n_rows == on_pandas.n_rows == 32
+    summary = lambda outcome: sorted((f["expectation"], f["column"], f["unexpected_count"]) for f in outcome.failures)  # noqa: E731
+    assert summary(on_pandas) == summary(on_spark)
+    assert {f["expectation"] for f in on_pandas.failures} >= {
+        "expect_compound_columns_to_be_unique", "expect_column_values_to_be_in_set", "expect_column_values_to_not_be_null"}
+    assert quality.validate(frame.toPandas().iloc[:30], "a", quality.assignment_expectations()).passed
+
+
 def test_split_units_found(spark):
     schema = "date date, experiment string, product_id string, unit_id string, arm string"
     day = dt.date(2026, 1, 5)

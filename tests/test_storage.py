@@ -51,6 +51,26 @@ def test_partitions_written_with_empty_days(spark, tmp_path):
     assert not [p for p in (tmp_path / "warehouse").iterdir() if p.name.startswith(".")]
 
 
+def test_partitions_read_from_the_log_match_what_spark_reads(spark, tmp_path, monkeypatch):
+    """`partitions` reads a local table's Delta log on the driver (delta-rs, no Spark job); the
+    same values as the Spark path, empty partitions included, across more commits than Delta's
+    checkpoint interval (a checkpoint file in the log)."""
+    from pipelines import storage
+
+    warehouse = Warehouse(tmp_path)
+    days = [DAY1 + dt.timedelta(days=i) for i in range(12)]
+    for day in days:
+        rows = _rows(spark, (day, "P1", "treatment")) if day.day % 3 else spark.createDataFrame([], SCHEMA)
+        warehouse.write_partitions(rows, "daily", "date", [day.isoformat()])
+    assert any(p.name.endswith(".checkpoint.parquet") for p in (tmp_path / "warehouse" / "daily" / "_delta_log").iterdir())
+    from_log = storage._logged_partition_values(tmp_path / "warehouse" / "daily", "date")
+    assert sorted(from_log) == [d.isoformat() for d in days]
+    monkeypatch.setattr(storage, "_logged_partition_values", lambda path, key: None)  # the Spark path
+    storage._PARTITIONS.clear()
+    assert warehouse.partitions("daily", "date") == sorted(from_log)
+    assert storage._logged_partition_values(tmp_path / "warehouse" / "nothing", "date") is None
+
+
 def test_read_of_a_missing_table_names_it(spark, tmp_path):
     with pytest.raises(FileNotFoundError, match="warehouse table 'nothing'"):
         Warehouse(tmp_path).read(spark, "nothing")

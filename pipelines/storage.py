@@ -476,10 +476,7 @@ class Warehouse:
     def _write_partition(self, frame: DataFrame, table: str, key: str, value: str, known: list[str] | None = None) -> None:
         exists = self._ensure_delta(table)
         spark = frame.sparkSession
-        kind = None
-        if exists:
-            current = spark.read.format("delta").load(self.uri(table)).schema
-            kind = current[key].dataType if key in current.fieldNames() else None
+        kind = self._column_type(spark, table, key) if exists else None
         if kind is None:
             kind = "date" if ISO_DATE.match(str(value)) else "string"
         frame = frame.withColumn(key, F.lit(str(value)).cast(kind))
@@ -500,11 +497,37 @@ class Warehouse:
         elif frame.isEmpty():  # Delta skips a commit with no action; a one-off transaction id makes one
             writer = writer.option("txnAppId", f"{METADATA_TAG}:{table}:{key}={value}:{run}").option("txnVersion", 0)
         self._commit(writer, table, _commit_metadata(table=table, key=key, values=[str(value)], run=run), (key, value))
-        if once and not any(m and m.get("run") == run for m in self.history(table, last=50)["metadata"]):
+        if once and not any(m and m.get("run") == run for m in self._recent_metadata(table, last=50)):
             raise WriteConflictError(
                 f"warehouse table '{table}' {key}={value} was published by another writer meanwhile: this run's rows "
                 "were not written and the published partition is unchanged"
             )
+
+    def _column_type(self, spark: SparkSession, table: str, column: str):
+        """The type of `column` in the table's schema (None when it has no such column); a local
+        table's from its log (delta-rs: a Delta type name Spark casts to), else Spark's."""
+        log = read_local_delta(self.path(table)) if self.local_tables else None
+        if log is not None:
+            try:
+                fields = json.loads(log.schema().to_json())["fields"]
+                kinds = {f["name"]: f["type"] for f in fields}
+                if isinstance(kinds.get(column, ""), str):
+                    return kinds.get(column)
+            except Exception:  # noqa: BLE001 - read it through Spark instead
+                pass
+        current = spark.read.format("delta").load(self.uri(table)).schema
+        return current[column].dataType if column in current.fieldNames() else None
+
+    def _recent_metadata(self, table: str, last: int) -> list[dict | None]:
+        """pricelab's userMetadata of the table's `last` commits; a local table's from its log
+        (delta-rs, no Spark job), else from `history`."""
+        log = read_local_delta(self.path(table)) if self.local_tables else None
+        if log is not None:
+            try:
+                return [_parse_metadata(commit.get("userMetadata")) for commit in log.history(limit=last)]
+            except Exception:  # noqa: BLE001
+                pass
+        return list(self.history(table, last=last)["metadata"])
 
     def _commit(self, writer, table: str, metadata: str, partition: tuple[str, str] | None = None) -> None:
         where = f" {partition[0]}={partition[1]}" if partition else ""

@@ -209,11 +209,12 @@ def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 
 def read_registry(warehouse):
     """The enrolled experiments (one row each: spec, owning file, fingerprint), or None."""
-    import pandas as pd
-
     from pyspark.sql import SparkSession
 
-    if not warehouse.partitions(experiment_files.REGISTRY_TABLE, "experiment"):
+    from pipelines.spark import get_spark
+
+    if not warehouse.partitions(experiment_files.REGISTRY_TABLE, "experiment"):  # read from the log, no Spark
         return None
-    frame = warehouse.read(SparkSession.getActiveSession(), experiment_files.REGISTRY_TABLE).toPandas()
+    spark = SparkSession.getActiveSession() or get_spark()  # the CLI's `retire` has no session yet
+    frame = warehouse.read(spark, experiment_files.REGISTRY_TABLE).toPandas()
     return frame.drop(columns="experiment").sort_values("name").reset_index(drop=True)

@@ -6,6 +6,7 @@ from datetime import date, timedelta
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import false_discovery_control
 
 from pipelines.graph import (
     _bh_threshold,
@@ -221,6 +222,8 @@ def test_benjamini_hochberg_threshold_matches_reference(spark):
     m = len(finite)
     passing = finite <= np.arange(1, m + 1) * 0.05 / m
     expected = finite[np.flatnonzero(passing).max()]
+    # and scipy's adjusted p-values reject exactly the p-values at or below that threshold
+    assert finite[false_discovery_control(finite, method="bh") <= 0.05].max() == expected
     both = ("p_src_dst", "p_dst_src")
     assert _bh_threshold(stats, 0.05, both) == pytest.approx(expected)
     assert _bh_threshold(stats.limit(0), 0.05, both) is None

@@ -9,7 +9,6 @@ from pyspark.sql import functions as F
 from assets.checks import run_metadata
 from assets.kinds import DELTA_TABLE
 from assets.inputs import load_checked_sales, sales_check_specs
-from assets.mode import demo_mode
 from pipelines import balance, estimation, graph, spillover
 from pipelines import metrics as metric_rules
 from pipelines.progress import Progress, spark_progress
@@ -21,7 +20,7 @@ PRE_DAYS = estimation.CounterfactualSettings().pre_days
 @dg.asset(
     group_name="results",
     kinds=DELTA_TABLE,
-    deps=["daily_assignments", "catalog"] + (["simulated_sales"] if demo_mode() else []),
+    deps=["daily_assignments", "catalog"],  # demo: and simulated_sales (jobs/definitions.py adds it)
     required_resource_keys={"spark", "warehouse"},
     check_specs=sales_check_specs("experiment_sales"),
 )

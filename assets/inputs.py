@@ -81,7 +81,8 @@ def sales_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
 def load_checked_sales(context, asset: str) -> tuple[inputs.LoadedInput, list[dg.AssetCheckResult], int]:
     """Read `input/sales/`, keep refused rows aside (quarantine/<asset>), run the contract suite."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
-    loaded = inputs.load_sales(spark, warehouse.root, catalog=warehouse.read(spark, "catalog"))
+    today = context.resources.warehouse.as_of()
+    loaded = inputs.load_sales(spark, warehouse.root, catalog=warehouse.read(spark, "catalog"), today=today)
     outcome = quality.validate(loaded.raw, "sales", quality.sales_expectations(MAX_BAD_SHARE))
     counts, examples = inputs.rejection_summary(loaded.rejected)
     _log_refusals(context, asset, counts, examples, loaded.refused_files)
@@ -207,14 +208,16 @@ def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     )
 
 
-def read_registry(warehouse):
-    """The enrolled experiments (one row each: spec, owning file, fingerprint), or None."""
+def read_registry(warehouse, start_spark=None):
+    """The enrolled experiments (one row each: spec, owning file, fingerprint), or None.
+    `start_spark` makes a session when none is active (the CLI's `retire` has none yet; default:
+    an embedded one)."""
     from pyspark.sql import SparkSession
 
     from pipelines.spark import get_spark
 
     if not warehouse.partitions(experiment_files.REGISTRY_TABLE, "experiment"):  # read from the log, no Spark
         return None
-    spark = SparkSession.getActiveSession() or get_spark()  # the CLI's `retire` has no session yet
+    spark = SparkSession.getActiveSession() or (start_spark or get_spark)()
     frame = warehouse.read(spark, experiment_files.REGISTRY_TABLE).toPandas()
     return frame.drop(columns="experiment").sort_values("name").reset_index(drop=True)

@@ -4,7 +4,6 @@ import base64
 
 import dagster as dg
 
-from assets.mode import demo_mode
 from assets.estimation import EFFECT_OVER_TIME
 from pipelines import experiments as experiment_files
 from pipelines import graph, report
@@ -12,14 +11,15 @@ from pipelines import graph, report
 
 @dg.asset(
     group_name="results",
-    deps=["experiment_results"] + (["simulator_truth"] if demo_mode() else []),
+    deps=["experiment_results"],  # demo: and simulator_truth (jobs/definitions.py adds it)
     required_resource_keys={"spark", "warehouse"},
 )
 def experiment_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    """`warehouse/report/report.md` and `effects.png`; in demo mode with the true effects beside."""
+    """`warehouse/report/report.md` and `effects.png`; with the true effects beside when the
+    simulator wrote them (demo)."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     results = warehouse.read(spark, "experiment_results").toPandas()
-    truth = warehouse.read(spark, "simulator_truth").toPandas() if demo_mode() and warehouse.exists("simulator_truth") else None
+    truth = warehouse.read(spark, "simulator_truth").toPandas() if warehouse.exists("simulator_truth") else None
     specs = warehouse.read(spark, "experiments").toPandas()
     table = report.results_table(results, truth, specs)
     problems = {}

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from jobs import settings
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSALS = 0, 1, 2, 3
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RANGE_START_TAG = "dagster/asset_partition_range_start"
@@ -38,6 +40,19 @@ class UsageError(Exception):
 
 def say(message: str) -> None:
     print(f"pricelab: {message}", flush=True)
+
+
+def _today() -> dt.date:
+    """PRICELAB_TODAY when set (replays of past days, tests), else the UTC date."""
+    from pipelines.contract import today_utc
+
+    return settings.today() or today_utc()
+
+
+def _warehouse(root: Path):
+    from pipelines.storage import Warehouse
+
+    return Warehouse(root, tables_url=settings.warehouse_url())
 
 
 def set_environment(data_dir: str | None) -> Path:
@@ -70,7 +85,7 @@ def cmd_validate_inputs(args, root: Path) -> int:
     started = time.time()
     if not (root / "input").is_dir():
         raise UsageError(f"no input directory at {root / 'input'} (set PRICELAB_DATA_DIR to your data directory)")
-    result = validate_inputs(root)
+    result = validate_inputs(root, today=settings.today(), tables_url=settings.warehouse_url())
     lines = result.messages()
     for line in lines[: args.max_lines] if args.max_lines else lines:
         print(line)
@@ -184,8 +199,7 @@ def execute(job_name: str, outcome: Outcome, partition_key: str | None = None, t
     instance = _instance()
     config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, **(run_config or {})}
     started = time.time()
-    where = os.environ.get("PRICELAB_SPARK_REMOTE") and f"Spark Connect {os.environ['PRICELAB_SPARK_REMOTE']}"
-    say(f"{job_name}: started (" + (where or f"Spark master {os.environ.get('PRICELAB_SPARK_MASTER') or 'local[*]'}") + ")")
+    say(f"{job_name}: started ({settings.spark_where()})")
     job = defs.get_job_def(job_name).with_logger_defs({"console": console_logger()})
     result = job.execute_in_process(
         run_config=config, instance=instance, partition_key=partition_key,
@@ -239,10 +253,8 @@ def cmd_build_graph(args, root: Path) -> int:
 
 
 def cmd_publish(args, root: Path) -> int:
-    from pipelines.contract import today_utc
-
     outcome = Outcome()
-    text = args.days or today_utc().isoformat()
+    text = args.days or _today().isoformat()
     if ".." in text:
         first, _, last = text.partition("..")
         publish_range(_parse_day(first.strip(".")), _parse_day(last.strip(".")), outcome)
@@ -260,20 +272,17 @@ def cmd_refresh_results(args, root: Path) -> int:
 
 def _accepted_experiments(root: Path):
     """The experiments the last build accepted (through the warehouse, on this process's session)."""
+    from jobs.resources import spark_from_environment
     from pipelines.experiments import frame_to_specs
-    from pipelines.spark import get_spark
-    from pipelines.storage import Warehouse
 
-    warehouse = Warehouse(root)
+    warehouse = _warehouse(root)
     if not warehouse.exists("experiments"):
         return []
-    frame = warehouse.read(get_spark(), "experiments").toPandas()
+    frame = warehouse.read(spark_from_environment(), "experiments").toPandas()
     return frame_to_specs(frame) if not frame.empty else []
 
 
 def cmd_run(args, root: Path) -> int:
-    from pipelines.contract import today_utc
-
     outcome = Outcome()
     if not execute("build_graph_job", outcome):
         return finish(outcome)
@@ -281,7 +290,7 @@ def cmd_run(args, root: Path) -> int:
     if not specs:
         outcome.refusals.append("no accepted experiment: nothing to publish (see the experiments refused above)")
         return finish(outcome)
-    today = today_utc()
+    today = _today()
     first = min(s.start for s in specs)
     last = min(max(s.end for s in specs), today)
     if first > today:
@@ -295,20 +304,19 @@ def cmd_run(args, root: Path) -> int:
 def cmd_retire(args, root: Path) -> int:
     import json
 
-    from pipelines.contract import today_utc
     from pipelines.experiments import RETIRED_DIR, retire_refusal, running_specs
 
     registry = _registry(root)
     previous = None
     running = running_specs(registry, previous)
-    why = retire_refusal(args.name, running, root / "input" / "experiments", today_utc())
+    why = retire_refusal(args.name, running, root / "input" / "experiments", _today())
     if why:
         raise UsageError(f"retire refused: {why}")
     marker = root / "warehouse" / RETIRED_DIR / f"{args.name}.json"
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
     spec = running[args.name]
-    tmp.write_text(json.dumps({"name": args.name, "retired_on": today_utc().isoformat(), "ended": spec.end.isoformat(),
+    tmp.write_text(json.dumps({"name": args.name, "retired_on": _today().isoformat(), "ended": spec.end.isoformat(),
                                "file": Path(spec.source).name}))
     os.replace(tmp, marker)
     say(f"experiment '{args.name}' retired (ended {spec.end}); its published days and enrolment stay as they are. "
@@ -319,10 +327,11 @@ def cmd_retire(args, root: Path) -> int:
 def _registry(root: Path):
     """The enrolled experiments (read without Spark), or None."""
     from assets.inputs import read_registry
-    from pipelines.storage import Warehouse
 
     try:
-        return read_registry(Warehouse(root))
+        from jobs.resources import spark_from_environment
+
+        return read_registry(_warehouse(root), start_spark=spark_from_environment)
     except Exception as exc:
         raise UsageError(f"cannot read the experiment registry under {root / 'warehouse'}: "
                          f"{type(exc).__name__}: {str(exc)[:200]}") from None

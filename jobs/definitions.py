@@ -1,13 +1,14 @@
 """The one `Definitions` object: assets, checks, jobs, schedules and resources.
 
-Demo mode (PRICELAB_DEMO=1) adds the simulator's assets; everything else is the same in a real
-deployment. Jobs run in-process so a run starts one JVM, not one per step.
+Demo mode (PRICELAB_DEMO=1) merges in the simulator's assets (`dg.Definitions.merge`) and makes
+the assets that read what the simulator writes depend on it; everything else is the same in a
+real deployment. Jobs run in-process so a run starts one JVM, not one per step.
 """
 
 import dagster as dg
 
 from assets import advice, assignments, clustering, estimation, graph, inputs, report
-from assets.mode import demo_mode
+from jobs import settings
 from jobs.resources import default_resources
 from jobs.sensors import experiment_files_sensor
 
@@ -42,11 +43,17 @@ INPUT_AND_GRAPH_ASSETS = with_kinds(dg.load_assets_from_modules([inputs, graph, 
 ASSIGNMENT_ASSETS = with_kinds(dg.load_assets_from_modules([assignments]))
 RESULT_ASSETS = with_kinds(dg.load_assets_from_modules([estimation, report]))
 ADVICE_ASSETS = with_kinds(dg.load_assets_from_modules([advice]))
-DEMO_ASSETS = []
-if demo_mode():
-    from assets import simulation
 
-    DEMO_ASSETS = with_kinds(dg.load_assets_from_modules([simulation]))
+# Demo only: what reads the simulator's output waits for it (its sales files, its true effects).
+DEMO_DEPS = {"experiment_sales": ["simulated_sales"], "experiment_report": ["simulator_truth"]}
+
+
+def with_demo_deps(assets_defs: list) -> list:
+    def add(spec: dg.AssetSpec) -> dg.AssetSpec:
+        extra = DEMO_DEPS.get(spec.key.to_user_string(), [])
+        return spec.replace_attributes(deps=[*spec.deps, *extra]) if extra else spec
+
+    return [a.map_asset_specs(add) for a in assets_defs]
 
 build_graph_job = dg.define_asset_job(
     "build_graph_job",
@@ -79,11 +86,24 @@ build_graph_schedule = dg.ScheduleDefinition(
     name="build_graph_weekly", job=build_graph_job, cron_schedule="0 2 * * 1", execution_timezone="UTC"
 )
 
-defs = dg.Definitions(
-    assets=[*INPUT_AND_GRAPH_ASSETS, *ASSIGNMENT_ASSETS, *DEMO_ASSETS, *RESULT_ASSETS, *ADVICE_ASSETS],
-    jobs=[build_graph_job, publish_assignments_job, refresh_results_job, advise_job],
-    schedules=[publish_assignments_schedule, refresh_results_schedule, build_graph_schedule],
-    sensors=[experiment_files_sensor],
-    resources=default_resources(),
-    executor=dg.in_process_executor,
-)
+
+
+def build_definitions(demo: bool) -> dg.Definitions:
+    """The deployment's definitions; with `demo`, merged with the simulator's assets."""
+    results = with_demo_deps(RESULT_ASSETS) if demo else RESULT_ASSETS
+    core = dg.Definitions(
+        assets=[*INPUT_AND_GRAPH_ASSETS, *ASSIGNMENT_ASSETS, *results, *ADVICE_ASSETS],
+        jobs=[build_graph_job, publish_assignments_job, refresh_results_job, advise_job],
+        schedules=[publish_assignments_schedule, refresh_results_schedule, build_graph_schedule],
+        sensors=[experiment_files_sensor],
+        resources=default_resources(),
+        executor=dg.in_process_executor,
+    )
+    if not demo:
+        return core
+    from assets import simulation
+
+    return dg.Definitions.merge(core, dg.Definitions(assets=with_kinds(dg.load_assets_from_modules([simulation]))))
+
+
+defs = build_definitions(settings.demo_mode())

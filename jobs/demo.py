@@ -20,8 +20,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 import dagster as dg  # noqa: E402
 
 from pipelines import experiments, report, simulation  # noqa: E402
-from pipelines.spark import get_spark  # noqa: E402
-from pipelines.storage import Warehouse  # noqa: E402
+from jobs.resources import spark_from_environment, warehouse_from_environment  # noqa: E402
 
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
@@ -53,7 +52,7 @@ def _run(job_name: str, instance: dg.DagsterInstance, tags: dict | None = None) 
 
 def main() -> int:
     started = time.time()
-    warehouse = Warehouse()
+    warehouse = warehouse_from_environment()
     if not (warehouse.input_dir / "catalog.parquet").exists():
         _step(f"generating the simulated market into {warehouse.input_dir}", started)
         simulation.write_demo_inputs(warehouse.root)
@@ -64,7 +63,7 @@ def main() -> int:
     _step("build_graph_job: inputs, data-quality checks, substitution graph, clusters", started)
     _run("build_graph_job", instance)
 
-    spark = get_spark()
+    spark = spark_from_environment()
     specs = warehouse.read(spark, "experiments").toPandas()
     if specs.empty:
         raise SystemExit("no valid experiment in input/experiments: nothing to publish")

@@ -1,12 +1,14 @@
-"""Resources: the one SparkSession and the warehouse directory, chosen from the environment."""
+"""Resources: the one SparkSession and the warehouse, built from the environment through `dg.EnvVar`."""
 from __future__ import annotations
 
 import os
+from datetime import date
 from pathlib import Path
 
 import dagster as dg
 from pyspark.sql import SparkSession
 
+from jobs import settings
 from jobs.runs import record_run_process
 from pipelines.spark import get_spark, jar_files
 from pipelines.storage import Warehouse
@@ -54,8 +56,8 @@ class SparkResource(dg.ConfigurableResource):
 
 # Environment variables read into SparkResource (only those set: an unset EnvVar is an error).
 SPARK_ENV = {
-    "master": "PRICELAB_SPARK_MASTER",
-    "remote": "PRICELAB_SPARK_REMOTE",
+    "master": settings.SPARK_MASTER,
+    "remote": settings.SPARK_REMOTE,
     "shuffle_partitions": "PRICELAB_SPARK_SHUFFLE_PARTITIONS",
     "driver_memory": "PRICELAB_SPARK_DRIVER_MEMORY",
     "executor_memory": "PRICELAB_SPARK_EXECUTOR_MEMORY",
@@ -72,18 +74,44 @@ def spark_resource() -> SparkResource:
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """Where inputs are read and outputs written: PRICELAB_DATA_DIR, default ./data."""
+    """Where inputs are read and outputs written, and the day the run treats as today.
+
+    `data_dir` (PRICELAB_DATA_DIR, default ./data) holds `input/` and the reports; `tables_url`
+    (PRICELAB_WAREHOUSE_URL, default `<data_dir>/warehouse`) the Delta tables; `today`
+    (PRICELAB_TODAY, YYYY-MM-DD, default the UTC date) bounds the sales dates accepted."""
 
     data_dir: str = ""
+    tables_url: str = ""
+    today: str = ""
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # every run records its process, so a killed run can be told apart (jobs/runs.py)
         record_run_process(context.instance, context.run_id)
 
     def get(self) -> Warehouse:
-        return Warehouse(self.data_dir or None)
+        return Warehouse(self.data_dir or None, tables_url=self.tables_url or None)
+
+    def as_of(self) -> date | None:
+        """The fixed "today", or None (the real UTC date)."""
+        return date.fromisoformat(self.today) if self.today else None
+
+
+# Environment variables read into WarehouseResource (only those set).
+WAREHOUSE_ENV = {"data_dir": settings.DATA_DIR, "tables_url": settings.WAREHOUSE_URL, "today": settings.TODAY}
+
+
+def warehouse_resource() -> WarehouseResource:
+    return WarehouseResource(**{name: dg.EnvVar(v) for name, v in WAREHOUSE_ENV.items() if os.environ.get(v, "").strip()})
 
 
 def default_resources() -> dict:
-    warehouse = WarehouseResource(data_dir=dg.EnvVar("PRICELAB_DATA_DIR")) if os.environ.get("PRICELAB_DATA_DIR") else WarehouseResource()
-    return {"spark": spark_resource(), "warehouse": warehouse}
+    return {"spark": spark_resource(), "warehouse": warehouse_resource()}
+
+
+# Outside a Dagster run (the CLI, the demo's summary) the same resources, their EnvVars resolved.
+def warehouse_from_environment() -> Warehouse:
+    return warehouse_resource().process_config_and_initialize().get()
+
+
+def spark_from_environment() -> SparkSession:
+    return spark_resource().process_config_and_initialize().session()

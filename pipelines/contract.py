@@ -6,7 +6,6 @@ of every row rule. `pipelines.inputs` (Spark) and `pipelines.validation` (pandas
 from __future__ import annotations
 
 import gzip
-import os
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -18,9 +17,8 @@ INPUT_SUFFIXES = (".parquet", ".csv", ".csv.gz")
 
 
 def today_utc() -> date:
-    """Today in UTC, or `PRICELAB_TODAY` (YYYY-MM-DD) when set (tests, replays of past days)."""
-    fixed = os.environ.get("PRICELAB_TODAY")
-    return date.fromisoformat(fixed) if fixed else datetime.now(timezone.utc).date()
+    """Today in UTC (callers that replay a past day pass their own `today` instead)."""
+    return datetime.now(timezone.utc).date()
 
 
 def _input_suffix(path: Path) -> str | None:

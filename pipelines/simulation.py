@@ -1142,7 +1142,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write the demo inputs (catalogue, history, experiments)")
-    gen.add_argument("--data-dir", default=os.environ.get("PRICELAB_DATA_DIR", "data"))
+    gen.add_argument("--data-dir", default="data", help="the data directory (default ./data)")
     gen.add_argument("--products", type=int, default=DEMO_CONFIG.n_products)
     gen.add_argument("--seed", type=int, default=DEMO_CONFIG.seed)
     gen.add_argument("--carryover", type=float, default=DEMO_CONFIG.carryover_decay, help="carryover decay per day")

@@ -1,9 +1,12 @@
-"""One SparkSession per process, configured from arguments or environment variables.
+"""One SparkSession per process, configured from arguments.
 
-`PRICELAB_SPARK_MASTER` (default `local[*]`) picks a classic master (`spark://host:7077`, `yarn`,
-`k8s://...`); `PRICELAB_SPARK_REMOTE` (`sc://host:15002`) picks Spark Connect instead (`local`
-starts an embedded Connect server, which the tests use to prove the Connect path). Both the
-Dagster resource and the tests call `get_spark`, so code runs the same way everywhere.
+`master` (default `local[*]`) picks a classic master (`spark://host:7077`, `yarn`, `k8s://...`);
+`remote` (`sc://host:15002`) picks Spark Connect instead (`local` starts an embedded Connect
+server, which the tests use to prove the Connect path). The Dagster resource (`jobs/resources.py`,
+which reads PRICELAB_SPARK_MASTER / PRICELAB_SPARK_REMOTE) and the tests call `get_spark`, so code
+runs the same way everywhere. The only environment this module touches is what Spark's own
+launcher reads from it: PYSPARK_PYTHON (this interpreter, for pandas UDF workers) and, on an
+embedded master, SPARK_LOCAL_IP (loopback), each set only when the process has not set it.
 
 Extra JVM jars (GraphFrames and Delta Lake, fetched by `make setup` into ./jars) are passed in as
 local paths (default: the project's ./jars) and set as `spark.jars`: nothing is downloaded when a
@@ -147,11 +150,13 @@ def get_spark(
     app_name: str = "pricelab",
     conf: dict[str, str] | None = None,
     jars: list[str] | None = None,
+    check_worker: bool = True,
 ) -> SparkSession:
     """Return the process's SparkSession, creating it on first use.
 
-    `remote` (a Spark Connect URL) wins over `master`. Unset arguments fall back to the
-    environment variables above, then to an embedded `local[*]` session. `jars`: local jar paths
+    `remote` (a Spark Connect URL) wins over `master`; with neither, an embedded `local[*]`
+    session. `check_worker`: on Spark Connect, prove first that the server's Python workers run
+    pricelab's interpreter (`check_worker_python`). `jars`: local jar paths
     for `spark.jars` on a classic session (a Connect server has its own classpath: ignored there);
     None means the project's ./jars, [] none.
     """
@@ -159,8 +164,8 @@ def get_spark(
         jars = jar_files(PROJECT_JARS_DIR)
     # Python workers (pandas UDFs) must use this interpreter, with its packages.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    remote = remote or os.environ.get("PRICELAB_SPARK_REMOTE") or None
-    master = master or os.environ.get("PRICELAB_SPARK_MASTER") or "local[*]"
+    remote = remote or None
+    master = master or "local[*]"
     builder = SparkSession.builder.appName(app_name)
     if remote:
         builder = builder.remote(remote)
@@ -182,7 +187,7 @@ def get_spark(
         runtime.update({k: v for k, v in (conf or {}).items() if k in RUNTIME_SQL_SETTINGS})
         for key, value in runtime.items():
             spark.conf.set(key, value)
-        if os.environ.get("PRICELAB_SKIP_WORKER_CHECK", "") != "1":
+        if check_worker:
             check_worker_python(spark, f"Spark Connect server {remote}")
     return spark
 

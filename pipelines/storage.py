@@ -3,8 +3,8 @@
 Every table is a Delta table (`warehouse/<table>/` with its `_delta_log/`), so every write is one
 atomic commit of Delta's transaction log: a killed run leaves the table as it was (data files it
 wrote without committing are not part of the table), readers never see half a write, and other
-engines read the tables safely. The tables' location is `$PRICELAB_DATA_DIR/warehouse` by default;
-`PRICELAB_WAREHOUSE_URL` (or `Warehouse(tables_url=...)`) puts them anywhere Spark's Hadoop
+engines read the tables safely. The tables' location is `<data dir>/warehouse` by default;
+`Warehouse(tables_url=...)` (PRICELAB_WAREHOUSE_URL, through the warehouse resource) puts them anywhere Spark's Hadoop
 filesystems reach (`s3a://bucket/prefix`, `abfss://...`, `gs://...`, `hdfs://...`, `file:///...`).
 Inputs, reports and plots stay under the local data directory.
 
@@ -56,8 +56,8 @@ CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException", "Conc
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The data directory: the argument, else `PRICELAB_DATA_DIR`, else `./data`."""
-    return Path(explicit or os.environ.get("PRICELAB_DATA_DIR") or "data").resolve()
+    """The data directory: the argument, else `./data` (jobs/settings.py reads PRICELAB_DATA_DIR)."""
+    return Path(explicit or "data").resolve()
 
 
 class WarehouseLockedError(RuntimeError):
@@ -248,7 +248,7 @@ class Warehouse:
 
     def __init__(self, root: str | os.PathLike | None = None, tables_url: str | None = None):
         self.root = data_dir(root)
-        url = tables_url or os.environ.get("PRICELAB_WAREHOUSE_URL") or ""
+        url = tables_url or ""
         self.tables_url = url.rstrip("/") if url else str(self.tables_dir)
 
     # ------------------------------------------------------------------ layout

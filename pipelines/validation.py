@@ -333,15 +333,15 @@ def read_delta_table(path: Path) -> pd.DataFrame | None:
     return frame
 
 
-def running_from_warehouse(data_dir: Path):
+def running_from_warehouse(data_dir: Path, tables_url: str | None = None):
     """The running experiments (name -> last valid spec, as the `experiments` asset computes them)
-    from the local warehouse without Spark, and a note when they cannot be read that way."""
-    import os
+    from the local warehouse without Spark, and a note when they cannot be read that way.
+    `tables_url`: where the tables are when not under `<data_dir>/warehouse`."""
     from urllib.parse import urlparse
 
     from pipelines import experiments as experiment_files
 
-    url = os.environ.get("PRICELAB_WAREHOUSE_URL") or str(Path(data_dir) / "warehouse")
+    url = tables_url or str(Path(data_dir) / "warehouse")
     if urlparse(url).scheme not in ("", "file"):
         return {}, f"running experiments not checked: the warehouse is at {url} (validate-inputs reads local tables only)"
     tables = Path(urlparse(url).path if url.startswith("file:") else url)
@@ -361,16 +361,18 @@ def running_from_warehouse(data_dir: Path):
     return running, None
 
 
-def validate_inputs(data_dir: str | Path, today: date | None = None, running=None) -> Validation:
+def validate_inputs(data_dir: str | Path, today: date | None = None, running=None,
+                    tables_url: str | None = None) -> Validation:
     """Check every input under `<data_dir>/input/`: catalogue, sales, trigger events, experiment
     files (against the catalogue, and against `running` specs: by default the running
-    experiments of the local warehouse, as build-graph will see them). Never starts Spark."""
+    experiments of the warehouse at `tables_url` or `<data_dir>/warehouse`, as build-graph will
+    see them). Never starts Spark."""
     from pipelines import experiments as experiment_files
 
     data_dir = Path(data_dir)
     notes: list[str] = []
     if running is None:
-        running, note = running_from_warehouse(data_dir)
+        running, note = running_from_warehouse(data_dir, tables_url)
         notes += [note] if note else []
     catalog = check_catalog(data_dir)
     known = catalog.good[CATALOG_REQUIRED] if catalog.good is not None else None

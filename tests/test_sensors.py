@@ -7,7 +7,7 @@ import json
 import dagster as dg
 import pytest
 
-from jobs.resources import WarehouseResource
+from jobs.resources import WarehouseResource, warehouse_resource
 from jobs.sensors import EXPERIMENTS_ASSET_KEY, experiment_files_sensor
 from pipelines.experiments import compare_digests, experiment_file_digests
 
@@ -123,7 +123,9 @@ def test_unreadable_cursor_counts_as_no_files(data_dir):
 def test_warehouse_defaults_to_pricelab_data_dir(data_dir, monkeypatch):
     monkeypatch.setenv("PRICELAB_DATA_DIR", str(data_dir))
     write_experiment(data_dir, "a.yaml", "a")
-    context = dg.build_sensor_context(cursor=None, resources={"warehouse": WarehouseResource()})
+    resource = warehouse_resource()  # as `default_resources` builds it: PRICELAB_DATA_DIR through dg.EnvVar
+    assert isinstance(resource.data_dir, dg.EnvVar) and resource.data_dir.env_var_name == "PRICELAB_DATA_DIR"
+    context = dg.build_sensor_context(cursor=None, resources={"warehouse": resource})
     assert set(json.loads(experiment_files_sensor(context).cursor)) == {"a.yaml"}
 
 

@@ -15,9 +15,9 @@ SCRIPT = textwrap.dedent(
     """
     import datetime as dt, json
     import numpy as np, pandas as pd
-    from pipelines.spark import get_spark
+    from jobs.resources import spark_from_environment
     from pipelines import clustering, estimation
-    spark = get_spark()
+    spark = spark_from_environment()  # PRICELAB_SPARK_REMOTE, as the Dagster resource reads it
     rng = np.random.default_rng(0)
     start = dt.date(2026, 1, 5)
     sales = pd.DataFrame([(f"P{p}", start + dt.timedelta(days=k), 10.0, float(rng.poisson(10 + 3 * (p % 2) * (k >= 0))))

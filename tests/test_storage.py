@@ -185,10 +185,14 @@ def test_a_v1_table_that_cannot_be_converted_is_refused_and_left_alone(spark, tm
 
 
 def test_tables_go_where_the_warehouse_url_says(spark, tmp_path, monkeypatch):
-    """Tables follow PRICELAB_WAREHOUSE_URL (any Hadoop URL; here file://); inputs, reports stay local."""
+    """Tables follow PRICELAB_WAREHOUSE_URL (any Hadoop URL; here file://), read into the warehouse
+    resource; inputs, reports stay local."""
+    from jobs.resources import warehouse_from_environment
+
     elsewhere = tmp_path / "object-store"
     monkeypatch.setenv("PRICELAB_WAREHOUSE_URL", f"file://{elsewhere}/")
-    warehouse = Warehouse(tmp_path / "data")
+    monkeypatch.setenv("PRICELAB_DATA_DIR", str(tmp_path / "data"))
+    warehouse = warehouse_from_environment()
     warehouse.write(_rows(spark, (DAY1, "P1", "control")), "daily_assignments", ("date", "2026-01-01"))
     warehouse.write_file("report/report.md", "# report")
     assert (elsewhere / "daily_assignments" / "_delta_log").is_dir()

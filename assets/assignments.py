@@ -28,7 +28,6 @@ from pyspark.sql import functions as F
 from assets.checks import gx_check_result, run_metadata
 from assets.inputs import read_registry
 from assets.kinds import DELTA_TABLE
-from assets.partitions import daily_partitions
 from pipelines import assignment, experiments, quality
 from pipelines.storage import WarehouseLockedError, WriteConflictError
 
@@ -61,47 +60,64 @@ def _changed_days(new: DataFrame, published: DataFrame) -> list[dict]:
     return [{"date": str(r["date"]), "rows_added": int(r["added"]), "rows_removed": int(r["removed"])} for r in diff]
 
 
-@dg.asset(
-    group_name="assignments",
-    kinds=DELTA_TABLE,
-    partitions_def=daily_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    deps=["experiments", "catalog", "product_clusters", "trigger_events"],
-    required_resource_keys={"spark", "warehouse"},
-    check_specs=[
-        dg.AssetCheckSpec(
-            ASSIGNMENT_CONTRACT, asset="daily_assignments", blocking=True, partitions_def=daily_partitions,
-            description="GX: keys present, arm in {treatment, control}, one arm per product and day",
-        ),
-        dg.AssetCheckSpec(
-            UNITS_MOVE_TOGETHER, asset="daily_assignments", blocking=True, partitions_def=daily_partitions,
-            description="every product of a randomisation unit has the same arm on a day",
-        ),
-        dg.AssetCheckSpec(
-            EXPERIMENTS_PUBLISHED, asset="daily_assignments", partitions_def=daily_partitions,
-            description="warns when an active experiment could not be assigned (e.g. no clusters snapshot)",
-        ),
-        dg.AssetCheckSpec(
-            PUBLISHED_UNCHANGED, asset="daily_assignments",
-            description=(
-                "Delta's version history: every published day was written by one commit and nothing else wrote "
-                "the table after; the run's already-published days equal their first publication (time travel)"
-            ),
-        ),
-    ],
+# Each experiment's products, units and strata, frozen at its first publication. The publishing
+# step writes it (a day's run enrols the experiments that start in it), so it cannot be an asset
+# of its own step: a job's assets share one partitions definition, and enrolments are per
+# experiment, not per day. It is declared here so the lineage shows it, and each write is
+# recorded as its materialization.
+ENROLMENTS = dg.AssetSpec(
+    "enrolments", group_name="assignments", kinds=DELTA_TABLE, deps=["experiments", "catalog", "product_clusters"],
+    description="Per experiment: product_id, unit_id, stratum, written by daily_assignments at its first publication.",
 )
-def daily_assignments(context: dg.AssetExecutionContext):
-    """(date, experiment, product_id, unit_id, arm, blackout, price_change) for each day."""
-    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
-    days = _days(context.partition_time_window)
-    try:
-        with warehouse.lock("daily_assignments"):
-            result = _publish(context, spark, warehouse, days)
-    except WarehouseLockedError as error:
-        raise dg.Failure(description=f"daily_assignments {days[0]}..{days[-1]} not published: {error}") from None
-    yield result
-    if len(days) > 1:
-        _record_checks_on_each_day(context, result.check_results, days)
+
+
+def daily_assignments_asset(daily_partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The `daily_assignments` asset on `daily_partitions`, whose first day the deployment's data
+    decides (`assets.partitions.daily_partitions_for`, built in jobs/definitions.py)."""
+
+    @dg.asset(
+        group_name="assignments",
+        kinds=DELTA_TABLE,
+        partitions_def=daily_partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        deps=["experiments", "catalog", "product_clusters", "trigger_events", "enrolments"],
+        required_resource_keys={"spark", "warehouse"},
+        check_specs=[
+            dg.AssetCheckSpec(
+                ASSIGNMENT_CONTRACT, asset="daily_assignments", blocking=True, partitions_def=daily_partitions,
+                description="GX: keys present, arm in {treatment, control}, one arm per product and day",
+            ),
+            dg.AssetCheckSpec(
+                UNITS_MOVE_TOGETHER, asset="daily_assignments", blocking=True, partitions_def=daily_partitions,
+                description="every product of a randomisation unit has the same arm on a day",
+            ),
+            dg.AssetCheckSpec(
+                EXPERIMENTS_PUBLISHED, asset="daily_assignments", partitions_def=daily_partitions,
+                description="warns when an active experiment could not be assigned (e.g. no clusters snapshot)",
+            ),
+            dg.AssetCheckSpec(
+                PUBLISHED_UNCHANGED, asset="daily_assignments",
+                description=(
+                    "Delta's version history: every published day was written by one commit and nothing else wrote "
+                    "the table after; the run's already-published days equal their first publication (time travel)"
+                ),
+            ),
+        ],
+    )
+    def daily_assignments(context: dg.AssetExecutionContext):
+        """(date, experiment, product_id, unit_id, arm, blackout, price_change) for each day."""
+        spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+        days = _days(context.partition_time_window)
+        try:
+            with warehouse.lock("daily_assignments"):
+                result = _publish(context, spark, warehouse, days)
+        except WarehouseLockedError as error:
+            raise dg.Failure(description=f"daily_assignments {days[0]}..{days[-1]} not published: {error}") from None
+        yield result
+        if len(days) > 1:
+            _record_checks_on_each_day(context, result.check_results, days)
+
+    return daily_assignments
 
 
 def _record_checks_on_each_day(context: dg.AssetExecutionContext, check_results, days: list[dt.date]) -> None:
@@ -176,6 +192,7 @@ def _enrol(context, spark, warehouse, spec, catalog, snapshots, not_published, f
         clusters = warehouse.read(spark, "product_clusters", ("snapshot_date", snapshot)).drop("snapshot_date")
     warehouse.write(assignment.enrolment_units(spec, catalog, clusters), "enrolments", partition)
     warehouse.write(experiments.registry_frame(spec), experiments.REGISTRY_TABLE, partition)
+    context.log_event(dg.AssetMaterialization("enrolments", metadata={"experiment": spec.name, "unit": spec.unit}))
     return warehouse.read(spark, "enrolments", partition).drop("experiment")
 
 

@@ -17,14 +17,20 @@ from pipelines import experiments as experiment_files
 PRE_DAYS = estimation.CounterfactualSettings().pre_days
 
 
-@dg.asset(
-    group_name="results",
-    kinds=DELTA_TABLE,
-    deps=["daily_assignments", "catalog"],  # demo: and simulated_sales (jobs/definitions.py adds it)
-    required_resource_keys={"spark", "warehouse"},
-    check_specs=sales_check_specs("experiment_sales"),
-)
-def experiment_sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def experiment_sales_asset(sales_writers: tuple[str, ...] = ()) -> dg.AssetsDefinition:
+    """The `experiment_sales` asset; `sales_writers`: assets that drop files into `input/sales/`
+    and so must run first (the demo's simulated_sales; jobs/definitions.py passes it)."""
+    return dg.asset(
+        name="experiment_sales",
+        group_name="results",
+        kinds=DELTA_TABLE,
+        deps=["daily_assignments", "catalog", *sales_writers],
+        required_resource_keys={"spark", "warehouse"},
+        check_specs=sales_check_specs("experiment_sales"),
+    )(_experiment_sales)
+
+
+def _experiment_sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Sales of enrolled products, from a year before their enrolment to the latest day in
     `input/sales/` (new daily drops included), validated like every sales input."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
@@ -209,15 +215,27 @@ def _clusters_in_force(context, specs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return found
 
 
-@dg.asset(
-    group_name="results",
-    kinds=DELTA_TABLE,
-    deps=["first_differences", "experiments", "experiment_sales", "substitution_graph", "product_clusters", "daily_assignments"],
+RESULTS_READS = ["first_differences", "experiments", "experiment_sales", "catalog", "substitution_graph", "product_clusters",
+                 "daily_assignments", "enrolments"]
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec("experiment_results", group_name="results", kinds=DELTA_TABLE, deps=RESULTS_READS,
+                     description="One row per experiment, estimator and metric: effect, SE, 95% interval (contract v1)."),
+        dg.AssetSpec(RESULTS_HISTORY, group_name="results", kinds=DELTA_TABLE, deps=RESULTS_READS,
+                     description="Every refresh's experiment_results under its as_of day, never overwritten."),
+        dg.AssetSpec(EFFECT_OVER_TIME, group_name="results", kinds=DELTA_TABLE, deps=RESULTS_READS,
+                     description="Cumulative effect and 95% band by day since start, per experiment and metric."),
+        dg.AssetSpec("spillover_exposure", group_name="results", kinds=DELTA_TABLE, deps=RESULTS_READS,
+                     description="Products per exposure condition of the spillover estimate (IPW), per experiment."),
+    ],
     required_resource_keys={"spark", "warehouse"},
 )
-def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def experiment_results(context: dg.AssetExecutionContext):
     """One row per experiment and estimator (plain DiD and HPTE): effect, SE, 95% interval
-    (contract v1); HPTE's heterogeneity (which kinds of products respond more) as metadata."""
+    (contract v1); HPTE's heterogeneity (which kinds of products respond more) as metadata.
+    The same fit writes the results' history, the effect over time and the spillover exposure."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     fd = warehouse.read(spark, "first_differences").toPandas()
     specs = warehouse.read(spark, "experiments").toPandas()
@@ -257,7 +275,11 @@ def experiment_results(context: dg.AssetExecutionContext) -> dg.MaterializeResul
             f"**{name}**: {model.n_trimmed_} trimmed, {model.n_leaves_skipped_} of {model.n_leaves_} leaves "
             f"skipped (one arm only)\n\n" + top.to_markdown(index=False, floatfmt=".3f")
         )
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(asset_key=RESULTS_HISTORY, metadata={"as_of": str(as_of), "rows": len(results)})
+    yield dg.MaterializeResult(asset_key=EFFECT_OVER_TIME, metadata={"rows": len(over_time)})
+    yield dg.MaterializeResult(asset_key="spillover_exposure", metadata={"rows": len(exposure)})
+    yield dg.MaterializeResult(
+        asset_key="experiment_results",
         metadata={
             "as_of": str(as_of),
             "estimated": len(results),

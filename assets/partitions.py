@@ -1,14 +1,13 @@
 """Daily partitions, defined once. They start on the first day of the month of the earliest
-experiment start found in the data (`$PRICELAB_DATA_DIR`: experiment files and the experiments
-already accepted or enrolled in the warehouse), so the CLI, `dagster dev` and the daemon, which
-all import this module with the same PRICELAB_DATA_DIR, agree without any further setting.
-`PRICELAB_PARTITIONS_START` (YYYY-MM-DD) still wins when set. With no experiment anywhere they
-start on the first day of the current month. Today's partition exists (end_offset=1) so the
+experiment start found in the data directory (experiment files and the experiments already
+accepted or enrolled in the warehouse), so the CLI, `dagster dev` and the daemon, which all build
+the definitions from the same PRICELAB_DATA_DIR (jobs/definitions.py), agree without any further
+setting. An explicit start (PRICELAB_PARTITIONS_START, YYYY-MM-DD) still wins. With no experiment
+anywhere they start on the first day of the current month. Today's partition exists (end_offset=1) so the
 morning schedule can publish the day's assignments before the day's prices go live. An unknown
 partition key is refused naming the valid range (Dagster's own message names only the key)."""
 
 import datetime as dt
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -39,11 +38,11 @@ def _warehouse_starts(root: Path) -> list[dt.date]:
     return starts
 
 
-def earliest_experiment_start(root: str | Path | None = None) -> dt.date | None:
+def earliest_experiment_start(root: str | Path) -> dt.date | None:
     """The earliest start of any experiment file (that parses) or warehouse experiment, or None."""
     from pipelines.experiments import ExperimentFileError, experiment_file_paths, parse_experiment_file
 
-    root = Path(root if root is not None else (os.environ.get("PRICELAB_DATA_DIR") or "data")).resolve()
+    root = Path(root).resolve()
     starts = _warehouse_starts(root)
     for path in experiment_file_paths(root / "input" / "experiments"):
         try:
@@ -53,15 +52,12 @@ def earliest_experiment_start(root: str | Path | None = None) -> dt.date | None:
     return min(starts) if starts else None
 
 
-def partitions_start(root: str | Path | None = None) -> str:
-    explicit = os.environ.get("PRICELAB_PARTITIONS_START", "").strip()
+def partitions_start(root: str | Path, explicit: str | None = None) -> str:
+    """`explicit` when given, else the first day of the month of the earliest experiment start."""
     if explicit:
         return explicit
     first = earliest_experiment_start(root) or today_utc()
     return first.replace(day=1).isoformat()
-
-
-PARTITIONS_START = partitions_start()
 
 
 class DailyPartitionsNamingTheRange(dg.DailyPartitionsDefinition):
@@ -81,4 +77,6 @@ class DailyPartitionsNamingTheRange(dg.DailyPartitionsDefinition):
             raise DagsterUnknownPartitionError(self.unknown_key_message(partition_key)) from None
 
 
-daily_partitions = DailyPartitionsNamingTheRange(start_date=PARTITIONS_START, end_offset=1, timezone="UTC")
+def daily_partitions_for(root: str | Path, explicit_start: str | None = None) -> DailyPartitionsNamingTheRange:
+    """The daily partitions of the data directory `root`, today's day the last."""
+    return DailyPartitionsNamingTheRange(start_date=partitions_start(root, explicit_start), end_offset=1, timezone="UTC")

@@ -9,12 +9,19 @@ from pipelines import experiments as experiment_files
 from pipelines import graph, report
 
 
-@dg.asset(
-    group_name="results",
-    deps=["experiment_results"],  # demo: and simulator_truth (jobs/definitions.py adds it)
-    required_resource_keys={"spark", "warehouse"},
-)
-def experiment_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def experiment_report_asset(truth: tuple[str, ...] = ()) -> dg.AssetsDefinition:
+    """The `experiment_report` asset; `truth`: the asset that writes the true effects to put
+    beside the estimates (the demo's simulator_truth; jobs/definitions.py passes it)."""
+    return dg.asset(
+        name="experiment_report",
+        group_name="results",
+        deps=["experiment_results", EFFECT_OVER_TIME, "spillover_exposure", "experiments", "substitution_graph",
+              "design_advice", *truth],
+        required_resource_keys={"spark", "warehouse"},
+    )(_experiment_report)
+
+
+def _experiment_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """`warehouse/report/report.md` and `effects.png`; with the true effects beside when the
     simulator wrote them (demo)."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()

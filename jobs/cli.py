@@ -231,7 +231,7 @@ def _parse_day(text: str) -> dt.date:
 
 
 def publish_range(first: dt.date, last: dt.date, outcome: Outcome) -> bool:
-    from assets.partitions import daily_partitions
+    from jobs.definitions import DAILY_PARTITIONS as daily_partitions
 
     if last < first:
         raise UsageError(f"range {first}..{last} ends before it starts")

@@ -1,13 +1,14 @@
 """The one `Definitions` object: assets, checks, jobs, schedules and resources.
 
 Demo mode (PRICELAB_DEMO=1) merges in the simulator's assets (`dg.Definitions.merge`) and makes
-the assets that read what the simulator writes depend on it; everything else is the same in a
-real deployment. Jobs run in-process so a run starts one JVM, not one per step.
+the two assets that read what the simulator writes run after it; everything else is the same in
+a real deployment. Jobs run in-process so a run starts one JVM, not one per step.
 """
 
 import dagster as dg
 
 from assets import advice, assignments, clustering, estimation, graph, inputs, report
+from assets.partitions import daily_partitions_for
 from jobs import settings
 from jobs.resources import default_resources
 from jobs.sensors import experiment_files_sensor
@@ -27,33 +28,38 @@ ASSET_KINDS = {
     "experiment_sales": {"spark", TABLE_FORMAT, "great_expectations"},
     "first_differences": {"spark", TABLE_FORMAT},
     "experiment_results": {"scikitlearn", TABLE_FORMAT},
+    "experiment_results_history": {"scikitlearn", TABLE_FORMAT},
+    "effect_over_time": {"scikitlearn", TABLE_FORMAT},
+    "spillover_exposure": {"python", TABLE_FORMAT},
+    "enrolments": {"spark", TABLE_FORMAT},
     "experiment_report": {"matplotlib", "markdown"},
     "design_advice": {"spark", TABLE_FORMAT},
 }
 
 
 def with_kinds(assets_defs: list) -> list:
-    return [
-        a.map_asset_specs(lambda spec: spec.merge_attributes(kinds=ASSET_KINDS.get(spec.key.to_user_string(), set())))
-        for a in assets_defs
-    ]
+    def add(spec: dg.AssetSpec) -> dg.AssetSpec:
+        return spec.merge_attributes(kinds=ASSET_KINDS.get(spec.key.to_user_string(), set()))
+
+    return [add(a) if isinstance(a, dg.AssetSpec) else a.map_asset_specs(add) for a in assets_defs]
 
 
 INPUT_AND_GRAPH_ASSETS = with_kinds(dg.load_assets_from_modules([inputs, graph, clustering]))
-ASSIGNMENT_ASSETS = with_kinds(dg.load_assets_from_modules([assignments]))
-RESULT_ASSETS = with_kinds(dg.load_assets_from_modules([estimation, report]))
+# The daily partitions start from the data directory's experiments (or PRICELAB_PARTITIONS_START).
+DAILY_PARTITIONS = daily_partitions_for(settings.data_dir(), settings.partitions_start())
+ASSIGNMENT_ASSETS = with_kinds([assignments.ENROLMENTS, assignments.daily_assignments_asset(DAILY_PARTITIONS)])
+
+
+def result_assets(demo: bool) -> list:
+    """From sales to the report; in demo mode experiment_sales waits for the simulated sales files
+    and the report for the true effects (asset deps: they also order the job's steps)."""
+    return with_kinds([
+        estimation.experiment_sales_asset(("simulated_sales",) if demo else ()),
+        *dg.load_assets_from_modules([estimation]),
+        report.experiment_report_asset(("simulator_truth",) if demo else ()),
+    ])
+
 ADVICE_ASSETS = with_kinds(dg.load_assets_from_modules([advice]))
-
-# Demo only: what reads the simulator's output waits for it (its sales files, its true effects).
-DEMO_DEPS = {"experiment_sales": ["simulated_sales"], "experiment_report": ["simulator_truth"]}
-
-
-def with_demo_deps(assets_defs: list) -> list:
-    def add(spec: dg.AssetSpec) -> dg.AssetSpec:
-        extra = DEMO_DEPS.get(spec.key.to_user_string(), [])
-        return spec.replace_attributes(deps=[*spec.deps, *extra]) if extra else spec
-
-    return [a.map_asset_specs(add) for a in assets_defs]
 
 build_graph_job = dg.define_asset_job(
     "build_graph_job",
@@ -90,9 +96,8 @@ build_graph_schedule = dg.ScheduleDefinition(
 
 def build_definitions(demo: bool) -> dg.Definitions:
     """The deployment's definitions; with `demo`, merged with the simulator's assets."""
-    results = with_demo_deps(RESULT_ASSETS) if demo else RESULT_ASSETS
     core = dg.Definitions(
-        assets=[*INPUT_AND_GRAPH_ASSETS, *ASSIGNMENT_ASSETS, *results, *ADVICE_ASSETS],
+        assets=[*INPUT_AND_GRAPH_ASSETS, *ASSIGNMENT_ASSETS, *result_assets(demo), *ADVICE_ASSETS],
         jobs=[build_graph_job, publish_assignments_job, refresh_results_job, advise_job],
         schedules=[publish_assignments_schedule, refresh_results_schedule, build_graph_schedule],
         sensors=[experiment_files_sensor],

@@ -8,17 +8,14 @@ assignments) is checked on pandas, where GX's many small Spark jobs would cost s
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-
-import great_expectations as gx  # noqa: E402
-import great_expectations.expectations as gxe  # noqa: E402
-import pandas as pd  # noqa: E402
-from pyspark.sql import DataFrame  # noqa: E402
-from pyspark.sql import functions as F  # noqa: E402
+import great_expectations as gx
+import great_expectations.expectations as gxe
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 
 ARMS = ["treatment", "control"]
 

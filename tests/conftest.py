@@ -12,7 +12,7 @@ PROJECT_JARS_DIR = Path(__file__).resolve().parents[1] / "jars"
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 # The tests' markets live in temporary directories, not in PRICELAB_DATA_DIR, so the partitions
-# cannot start from their experiments (assets/partitions.py); a fixed early start covers them all.
+# cannot start from their experiments (jobs/definitions.py); a fixed early start covers them all.
 os.environ.setdefault("PRICELAB_PARTITIONS_START", "2024-01-01")
 
 

@@ -9,7 +9,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from assets import assignments, clustering, estimation, graph, inputs, report, simulation
+from assets import estimation
+from jobs.definitions import build_definitions
 from jobs.resources import SparkResource, WarehouseResource
 from pipelines.simulation import MarketConfig, write_demo_inputs
 from pipelines.storage import Warehouse
@@ -18,16 +19,76 @@ from pipelines.storage import Warehouse
 # and still have two units per arm.
 TINY = MarketConfig(n_products=100, n_subclasses=20, history_start=dt.date(2025, 9, 3), history_days=120, seed=3)
 RANGE = {"dagster/asset_partition_range_start": "2026-01-05", "dagster/asset_partition_range_end": "2026-02-15"}
-ALL_ASSETS = dg.load_assets_from_modules([inputs, graph, clustering, assignments, simulation, estimation, report])
+ALL_ASSETS = list(build_definitions(demo=True).assets)  # as `make demo` defines them
 
 
 def _materialize(data_dir, selection, **kwargs):
     resources = {"spark": SparkResource(), "warehouse": WarehouseResource(data_dir=str(data_dir))}
+    # experiment_results is one step writing four assets: selecting it selects them all
+    selection = dg.AssetSelection.assets(*selection).required_multi_asset_neighbors()
     return dg.materialize(ALL_ASSETS, selection=selection, resources=resources, raise_on_error=False, **kwargs)
 
 
 def _checks(result) -> dict[str, bool]:
     return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+# A table an asset reads that no declared dependency of it writes, and why that is right.
+FEEDBACK_READS = {
+    ("experiments", "experiment_registry"): "the registry (written at an experiment's first publication) keeps a running "
+    "name with its file; declaring daily_assignments upstream of experiments would be a cycle",
+}
+
+
+@pytest.fixture
+def table_access(monkeypatch):
+    """Every warehouse table each asset step reads and writes: [(step's asset keys, table)] twice."""
+    reads, writes = [], []
+
+    def step_keys():
+        try:
+            context = dg.AssetExecutionContext.get()
+        except Exception:
+            return None  # outside an asset (the test itself)
+        return frozenset(k.to_user_string() for k in context.selected_asset_keys)
+
+    def spy(name, log):
+        original = getattr(Warehouse, name)
+
+        def recorded(self, *args, **kwargs):
+            table = args[1] if name in ("read", "write", "write_partitions") else args[0]
+            keys = step_keys()
+            if keys is not None:
+                log.append((keys, table))
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Warehouse, name, recorded)
+
+    for name in ("read", "exists", "partitions"):
+        spy(name, reads)
+    for name in ("write", "write_partitions"):
+        spy(name, writes)
+    return reads, writes
+
+
+def lineage_violations(reads, writes, asset_graph) -> list[str]:
+    """Reads of a table whose writer is neither the reading step nor among its declared upstream
+    assets. A table named as an asset is that asset's; any other (a side table such as
+    substitution_blocks or quarantine/sales) belongs to the step that wrote it in the run."""
+    names = {k.to_user_string() for k in asset_graph.get_all_asset_keys()}
+    owner = {}
+    for keys, table in writes:
+        owner.setdefault(table, table if table in names else min(keys))
+    found = set()
+    for keys, table in reads:
+        own = table if table in names else owner.get(table)
+        if own is None:  # looked for and never written: nothing read
+            continue
+        upstream = set(keys) | {p.to_user_string() for k in keys for p in asset_graph.get(dg.AssetKey(k)).parent_keys}
+        for key in keys:
+            if own not in upstream and (key, table) not in FEEDBACK_READS:
+                found.add(f"{key} reads {table} (written by {own}) but does not declare {own} upstream")
+    return sorted(found)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +99,7 @@ def tiny_market(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_whole_flow_on_a_tiny_market(spark, tiny_market, tmp_path):
+def test_the_whole_flow_on_a_tiny_market(spark, tiny_market, tmp_path, table_access):
     data = tmp_path / "data"
     shutil.copytree(tiny_market, data)
     built = _materialize(data, ["catalog", "sales", "trigger_events", "experiments", "substitution_graph", "product_clusters"])
@@ -57,6 +118,10 @@ def test_the_whole_flow_on_a_tiny_market(spark, tiny_market, tmp_path):
     assert set(table["experiment"]) == {"time-bound-kitchen", "triggered-garden", "random-days-toys", "crossover-pets"}
     assert (table["se"] > 0).all() and (table["ci_low"] < table["ci_high"]).all()
     assert (warehouse.tables_dir / "report" / "report.md").read_text().count("|") > 10
+    # lineage (issue 14): every table an asset read is its own or a declared upstream asset's
+    reads, writes = table_access
+    assert {t for _, t in reads} >= {"catalog", "daily_assignments", "enrolments", "first_differences", "spillover_exposure"}
+    assert lineage_violations(reads, writes, build_definitions(demo=True).resolve_asset_graph()) == []
     # SRM and balance checks on first_differences (issue 16): intact first
     assert _checks(results)[estimation.SAMPLE_RATIO_CHECK], _checks(results)
     # a published day is never changed: recomputing gives the same rows, a changed file is refused
@@ -106,3 +171,27 @@ def test_a_bad_experiment_file_is_refused_alone(spark, tiny_market, tmp_path):
     names = set(Warehouse(data).read(spark, "experiments").toPandas()["name"])
     assert names == {"time-bound-kitchen", "triggered-garden", "random-days-toys", "crossover-pets"}
 
+
+
+def test_lineage_check_names_an_undeclared_read():
+    graph_ = build_definitions(demo=True).resolve_asset_graph()
+    writes = [(frozenset({"catalog"}), "catalog"), (frozenset({"substitution_graph"}), "substitution_blocks")]
+    declared = [(frozenset({"experiment_report"}), "substitution_blocks"), (frozenset({"experiments"}), "experiment_registry")]
+    assert lineage_violations(declared, writes, graph_) == []
+    undeclared = [(frozenset({"experiment_report"}), "catalog")]
+    assert lineage_violations(undeclared, writes, graph_) == [
+        "experiment_report reads catalog (written by catalog) but does not declare catalog upstream"]
+
+
+def test_demo_steps_wait_for_the_simulator():
+    """A dependency added for the demo orders the steps too (lineage alone would let experiment_sales
+    read input/sales/ before the simulated days are written)."""
+    job = build_definitions(demo=True).resolve_job_def("refresh_results_job")
+    structure = job.graph.dependency_structure
+
+    def upstream(node: str) -> set[str]:
+        return {o.node_name for outs in structure.input_to_upstream_outputs_for_node(node).values() for o in outs}
+
+    assert "simulated_sales" in upstream("experiment_sales")
+    assert "simulator_truth" in upstream("experiment_report")
+    assert "simulated_sales" not in {k.to_user_string() for k in build_definitions(demo=False).resolve_asset_graph().get_all_asset_keys()}

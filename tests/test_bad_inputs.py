@@ -510,9 +510,10 @@ def materialize(root: Path, selection, **kwargs):
     from assets import assignments as assignment_assets
     from assets import graph as graph_assets
     from assets import inputs as input_assets
+    from jobs.definitions import DAILY_PARTITIONS
     from jobs.resources import SparkResource, WarehouseResource
 
-    assets = dg.load_assets_from_modules([input_assets, assignment_assets, graph_assets])
+    assets = [*dg.load_assets_from_modules([input_assets, graph_assets]), assignment_assets.daily_assignments_asset(DAILY_PARTITIONS)]
     resources = {"spark": SparkResource(), "warehouse": WarehouseResource(data_dir=str(root))}
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(assets, selection=selection, resources=resources, raise_on_error=False, instance=instance, **kwargs)

@@ -87,7 +87,7 @@ def test_bad_command_line_exits_2_in_one_line(tmp_path):
 
 def test_partitions_start_at_the_month_of_the_earliest_experiment_and_unknown_ones_name_the_range(tmp_path):
     root = write_market(tmp_path)
-    script = "from assets.partitions import daily_partitions as d; print(d.get_first_partition_key())"
+    script = "from jobs.definitions import DAILY_PARTITIONS as d; print(d.get_first_partition_key())"
     out = subprocess.run([sys.executable, "-c", script], env=user_env(root), capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "2025-06-01", out.stderr[-2000:]
     out = pricelab(root, "publish", "2025-05-31")

@@ -114,14 +114,15 @@ def test_publishing_on_a_standalone_cluster_equals_the_local_run(standalone_mast
 
     from pipelines.storage import Warehouse
 
-    from assets.assignments import daily_assignments
+    from assets.assignments import daily_assignments_asset
+    from jobs.definitions import DAILY_PARTITIONS
     from jobs.resources import SparkResource, WarehouseResource
 
     local, cluster = prepared_market(tmp_path / "local"), prepared_market(tmp_path / "cluster")
     days = "2025-06-09..2025-06-15"  # one week in which both experiments run (the daily path has its own test)
     # the local run: the same asset on the tests' local session (in this process, no second JVM)
     done = dg.materialize(
-        [daily_assignments], resources={"spark": SparkResource(), "warehouse": WarehouseResource(data_dir=str(local))},
+        [daily_assignments_asset(DAILY_PARTITIONS)], resources={"spark": SparkResource(), "warehouse": WarehouseResource(data_dir=str(local))},
         tags={"dagster/asset_partition_range_start": "2025-06-09", "dagster/asset_partition_range_end": "2025-06-15"},
     )
     assert done.success

@@ -8,7 +8,7 @@ from dagster._core.storage.tags import REPOSITORY_LABEL_TAG
 
 from tests.test_standalone_cluster import prepared_market
 
-from assets.partitions import daily_partitions
+from jobs.definitions import DAILY_PARTITIONS as daily_partitions
 
 CHECKS = {"assignment_contract", "units_move_together", "experiments_published"}
 
@@ -36,10 +36,10 @@ def test_in_process_runs_carry_the_code_location_label(tmp_path):
 
 
 def _publish(root, instance, **kwargs):
-    from assets.assignments import daily_assignments
+    from assets.assignments import daily_assignments_asset
     from jobs.resources import SparkResource, WarehouseResource
 
-    return dg.materialize([daily_assignments], instance=instance, raise_on_error=False,
+    return dg.materialize([daily_assignments_asset(daily_partitions)], instance=instance, raise_on_error=False,
                           resources={"spark": SparkResource(), "warehouse": WarehouseResource(data_dir=str(root))}, **kwargs)
 
 
@@ -50,7 +50,9 @@ def test_checks_on_daily_assignments_are_per_partition_with_row_counts(spark, tm
     assert single.success
     evaluations = [e.asset_check_evaluation_data for e in single.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     assert {(e.check_name, e.partition) for e in evaluations if e.check_name in CHECKS} == {(c, "2025-06-09") for c in CHECKS}
-    materialization = single.asset_materializations_for_node("daily_assignments")[0]
+    # the step also records the enrolments it wrote; the day's own materialization carries the row count
+    materialization, = [m for m in single.asset_materializations_for_node("daily_assignments")
+                        if m.asset_key == dg.AssetKey("daily_assignments")]
     assert materialization.metadata["dagster/row_count"].value == 24  # both experiments, 12 products each
     # a range run (a backfill) records each check on every day of the range too
     ranged = _publish(root, instance, tags={"dagster/asset_partition_range_start": "2025-06-10",

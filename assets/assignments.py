@@ -1,4 +1,6 @@
-"""Daily assignments: what the price engine applies each day, one partition per day.
+"""Daily assignments: what the price engine applies each day, one partition per day. The rules
+(enrolment freezing, the snapshot in force, published days never change) are in
+`pipelines.publication`; this asset runs them under the warehouse lock and reports.
 
 A day is computed from the experiment files and each experiment's enrolment (its products, units
 and strata from the catalogue and the clusters snapshot in force at its start), so any day (or a
@@ -15,21 +17,19 @@ and the `published_days_unchanged` check reads the table's Delta history after e
 
 import base64
 import datetime as dt
-from pathlib import Path
 
 import dagster as dg
 # Not exported by dagster; a per-partition check evaluation needs it to count as current (see below).
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import Window
 from pyspark.sql import functions as F
 
 from assets.checks import gx_check_result, run_metadata
-from assets.inputs import read_registry
 from assets.kinds import DELTA_TABLE
-from pipelines import assignment, experiments, quality
-from pipelines.storage import WarehouseLockedError, WriteConflictError
+from pipelines import assignment, publication
+from pipelines.storage import WarehouseLockedError
 
 ASSIGNMENT_CONTRACT = "assignment_contract"
 UNITS_MOVE_TOGETHER = "units_move_together"
@@ -37,27 +37,11 @@ EXPERIMENTS_PUBLISHED = "experiments_published"
 PUBLISHED_UNCHANGED = "published_days_unchanged"
 AUDITED_DAYS = 10  # at most this many of the run's already-published days (the latest) compared with their first publication
 CALENDAR_UNITS = 40
-PANDAS_CHECK_ROWS = 2_000_000  # up to this many computed rows are checked on pandas (a day of a large catalogue)
 
 
 def _days(window) -> list[dt.date]:
     start, end = window.start.date(), window.end.date()  # end is exclusive
     return [start + dt.timedelta(days=i) for i in range((end - start).days)]
-
-
-def _snapshot_in_force(snapshots: list[str], start: dt.date) -> str | None:
-    """The latest clusters snapshot dated on or before the experiment's start."""
-    eligible = [s for s in snapshots if dt.date.fromisoformat(s) <= start]
-    return eligible[-1] if eligible else None
-
-
-def _changed_days(new: DataFrame, published: DataFrame) -> list[dict]:
-    """Days whose recomputed rows differ from the published ones (rows added / removed)."""
-    columns = list(assignment.ASSIGNMENT_COLUMNS)
-    added = new.select(columns).exceptAll(published.select(columns)).groupBy("date").agg(F.count("*").alias("added"))
-    removed = published.select(columns).exceptAll(new.select(columns)).groupBy("date").agg(F.count("*").alias("removed"))
-    diff = added.join(removed, "date", "full").fillna(0).orderBy("date").collect()
-    return [{"date": str(r["date"]), "rows_added": int(r["added"]), "rows_removed": int(r["removed"])} for r in diff]
 
 
 # Each experiment's products, units and strata, frozen at its first publication. The publishing
@@ -145,134 +129,46 @@ def _record_checks_on_each_day(context: dg.AssetExecutionContext, check_results,
             ))
 
 
-def _published_rows_exist(spark, warehouse, spec) -> bool:
-    """True when some published day already holds a row of `spec` (its enrolment is then frozen)."""
-    if not warehouse.partitions("daily_assignments", "date"):
-        return False
-    rows = warehouse.read(spark, "daily_assignments").where(
-        F.col("date").between(F.lit(spec.start), F.lit(spec.end)) & (F.col("experiment") == spec.name)
-    )
-    return bool(rows.limit(1).count())
-
-
-def _enrol(context, spark, warehouse, spec, catalog, snapshots, not_published, frozen, registry) -> DataFrame | None:
-    """The experiment's enrolment: frozen once one of its rows is published; recomputed (so an edit
-    of the population or catalogue applies) while none is, e.g. after a killed first publish."""
-    partition = ("experiment", spec.name)
-    enrolled = registry.get(spec.name)
-    if enrolled is not None and enrolled["file"] != Path(spec.source).name:
-        raise dg.Failure(
-            description=(
-                f"experiment '{spec.name}' comes from {Path(spec.source).name} but its enrolment belongs to "
-                f"{enrolled['file']}: a running name stays with its file; nothing published"
-            )
-        )
-    if warehouse.exists("enrolments", partition):
-        if _published_rows_exist(spark, warehouse, spec):
-            if enrolled is not None and enrolled["fingerprint"] != experiments.spec_fingerprint(spec):
-                context.log.warning(
-                    f"experiment '{spec.name}' ({spec.source}) differs from the spec it was enrolled with; its "
-                    "enrolment (products, units) stays frozen because days with its rows are published"
-                )
-            if enrolled is None:  # enrolled before the registry existed: its current file owns the name from now on
-                warehouse.write(experiments.registry_frame(spec), experiments.REGISTRY_TABLE, partition)
-            frozen.append(spec.name)
-            return warehouse.read(spark, "enrolments", partition).drop("experiment")
-        context.log.info(
-            f"experiment '{spec.name}': enrolment recomputed (no row of it is published yet, so the current "
-            "file and catalogue apply)"
-        )
-    clusters = None
-    if spec.unit == "cluster":
-        snapshot = _snapshot_in_force(snapshots, spec.start)
-        if snapshot is None:
-            not_published[spec.name] = f"no product_clusters snapshot dated on or before its start {spec.start}"
-            context.log.error(f"experiment '{spec.name}' not assigned: {not_published[spec.name]}")
-            return None
-        clusters = warehouse.read(spark, "product_clusters", ("snapshot_date", snapshot)).drop("snapshot_date")
-    warehouse.write(assignment.enrolment_units(spec, catalog, clusters), "enrolments", partition)
-    warehouse.write(experiments.registry_frame(spec), experiments.REGISTRY_TABLE, partition)
-    context.log_event(dg.AssetMaterialization("enrolments", metadata={"experiment": spec.name, "unit": spec.unit}))
-    return warehouse.read(spark, "enrolments", partition).drop("experiment")
+def _refusal(refused: publication.PublicationRefused) -> dg.Failure:
+    return dg.Failure(description=str(refused), metadata={k: dg.MetadataValue.json(v) for k, v in refused.details.items()})
 
 
 def _publish(context, spark, warehouse, days: list[dt.date]) -> dg.MaterializeResult:
-    specs = experiments.frame_to_specs(warehouse.read(spark, "experiments").toPandas())
-    if not specs:
-        raise dg.Failure(
-            description=(
-                f"no accepted experiment in {warehouse.input_dir / 'experiments'}: nothing published for "
-                f"{days[0]}..{days[-1]} (an empty published day could never change later)"
-            )
-        )
-    active = [s for s in specs if s.start <= days[-1] and s.end >= days[0]]
-    catalog = warehouse.read(spark, "catalog")
-    snapshots = warehouse.partitions("product_clusters", "snapshot_date")
-    events = warehouse.read(spark, "trigger_events") if warehouse.exists("trigger_events") else None
-    registry_table = read_registry(warehouse)
-    registry = {} if registry_table is None else {r["name"]: r for r in registry_table.to_dict("records")}
-
-    units_by_experiment, not_published, frozen = {}, {}, []
-    for spec in active:
-        units = _enrol(context, spark, warehouse, spec, catalog, snapshots, not_published, frozen, registry)
-        if units is not None:
-            units_by_experiment[spec.name] = units
-    runnable = [s for s in active if s.name in units_by_experiment]
-    context.log.info(f"computing {len(days)} day(s) {days[0]}..{days[-1]} for {len(runnable)} experiment(s)")
-    rows = assignment.assign_experiments(runnable, units_by_experiment, days, events).cache()
-
-    # blocking validation of the rows BEFORE anything is written
-    n_rows = rows.count()
-    checked = rows.toPandas() if n_rows <= PANDAS_CHECK_ROWS else rows
-    outcome = quality.validate(checked, "assignments", quality.assignment_expectations())
-    del checked
-    n_split, split_examples = quality.split_units(rows)
-    if not outcome.passed or n_split:
-        rows.unpersist()
-        problem = outcome.describe() if not outcome.passed else f"{n_split} unit(s) split across arms, e.g. {split_examples[:3]}"
-        raise dg.Failure(
-            description=f"daily_assignments {days[0]}..{days[-1]} not published: {problem[:400]}",
-            metadata={"split_units": dg.MetadataValue.json(split_examples)},
-        )
-
-    published_days = [d for d in days if warehouse.exists("daily_assignments", ("date", d.isoformat()))]
-    if published_days:
-        published = warehouse.read(spark, "daily_assignments").where(F.col("date").isin(published_days))
-        changed = _changed_days(rows.where(F.col("date").isin(published_days)), published)
-        if changed:
-            rows.unpersist()
-            raise dg.Failure(
-                description=(
-                    f"refused: {len(changed)} published day(s) would change ({changed[0]['date']} first). Published "
-                    "assignments never change; restore the experiment file as it was, or give the change a new "
-                    "experiment name with a start after today."
-                ),
-                metadata={"changed_days": dg.MetadataValue.json(changed)},
-            )
-    new_days = [d for d in days if d not in published_days]
-    if new_days:
-        try:
-            warehouse.write_partitions(
-                rows.where(F.col("date").isin(new_days)), "daily_assignments", "date", [d.isoformat() for d in new_days]
-            )
-        except WriteConflictError as error:  # another machine's run published one of these days first
-            rows.unpersist()
-            raise dg.Failure(description=f"daily_assignments {days[0]}..{days[-1]} not all published: {error}") from None
-
-    counts = {
-        f"{r['experiment']}/{r['arm']}": int(r["count"])
-        for r in rows.groupBy("experiment", "arm").count().orderBy("experiment", "arm").collect()
-    }
-    rows.unpersist()
-
+    """Plan, check and write the run's days (`pipelines.publication`); metadata, calendars and checks."""
+    levels = {"info": context.log.info, "warning": context.log.warning, "error": context.log.error}
+    try:
+        plan = publication.plan_days(spark, warehouse, days, log=lambda level, text: levels[level](text))
+    except publication.PublicationRefused as refused:
+        raise _refusal(refused) from None
+    for name, enrolment in plan.enrolments.items():
+        if enrolment.written:
+            context.log_event(dg.AssetMaterialization("enrolments", metadata={"experiment": name}))
+    try:
+        published_days = publication.publish_new_days(spark, warehouse, plan)
+        counts = {
+            f"{r['experiment']}/{r['arm']}": int(r["count"])
+            for r in plan.rows.groupBy("experiment", "arm").count().orderBy("experiment", "arm").collect()
+        }
+    except publication.PublicationRefused as refused:
+        raise _refusal(refused) from None
+    finally:
+        plan.release()
     metadata = {
         "days": len(days),
         "days_already_published": len(published_days),
-        "enrolments_reused": dg.MetadataValue.json(frozen),
+        "enrolments_reused": dg.MetadataValue.json([name for name, e in plan.enrolments.items() if e.frozen]),
         "rows_per_experiment_arm": dg.MetadataValue.json(counts),
         **run_metadata(spark, sum(counts.values())),
+        **_calendars(spark, warehouse, plan.runnable),
     }
-    # calendars: every published day of each experiment, its first CALENDAR_UNITS units (one job)
+    return dg.MaterializeResult(metadata=metadata, check_results=_check_results(context, spark, warehouse, plan, published_days))
+
+
+def _calendars(spark, warehouse, runnable) -> dict:
+    """Per experiment: its calendar (every published day, its first CALENDAR_UNITS units; one Spark
+    job), written to plots/ and returned as metadata."""
+    if not runnable:
+        return {}
     by_unit = Window.partitionBy("experiment").orderBy("unit_id")
     calendars = (
         warehouse.read(spark, "daily_assignments")
@@ -281,7 +177,8 @@ def _publish(context, spark, warehouse, days: list[dt.date]) -> dg.MaterializeRe
         .where(F.col("_unit_rank") <= CALENDAR_UNITS)
         .drop("_unit_rank")
         .toPandas()
-    ) if runnable else None
+    )
+    metadata = {}
     for spec in runnable:
         frame = calendars[calendars["experiment"] == spec.name]
         if frame.empty:  # e.g. a triggered experiment before any trigger fired: nothing to draw yet
@@ -292,15 +189,21 @@ def _publish(context, spark, warehouse, days: list[dt.date]) -> dg.MaterializeRe
         metadata[f"calendar_{spec.name}"] = dg.MetadataValue.md(
             f"![{spec.name}](data:image/png;base64,{base64.b64encode(picture).decode()})"
         )
+    return metadata
+
+
+def _check_results(context, spark, warehouse, plan: publication.DaysPlan, published_days) -> list[dg.AssetCheckResult]:
+    """The four checks; the last reads Delta's history of the run's already-published days."""
     audited = sorted(d.isoformat() for d in published_days)[-AUDITED_DAYS:]
     problems = warehouse.audit_published(spark, "daily_assignments", values=audited)
     if problems:
         context.log.error(f"daily_assignments: Delta's history shows a published day changed: {problems[0][:300]}")
-    check_results = [
-        gx_check_result(ASSIGNMENT_CONTRACT, outcome),
+    not_published = {name: e.not_published for name, e in plan.enrolments.items() if e.not_published}
+    return [
+        gx_check_result(ASSIGNMENT_CONTRACT, plan.outcome),
         dg.AssetCheckResult(
-            check_name=UNITS_MOVE_TOGETHER, passed=n_split == 0,
-            metadata={"split_units": n_split, "examples": dg.MetadataValue.json(split_examples)},
+            check_name=UNITS_MOVE_TOGETHER, passed=plan.n_split == 0,
+            metadata={"split_units": plan.n_split, "examples": dg.MetadataValue.json(plan.split_examples)},
         ),
         dg.AssetCheckResult(
             check_name=EXPERIMENTS_PUBLISHED, passed=not not_published, severity=dg.AssetCheckSeverity.WARN,
@@ -315,4 +218,3 @@ def _publish(context, spark, warehouse, days: list[dt.date]) -> dg.MaterializeRe
             },
         ),
     ]
-    return dg.MaterializeResult(metadata=metadata, check_results=check_results)

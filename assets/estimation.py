@@ -1,7 +1,5 @@
 """From sales to effects: the enrolled products' sales, their first differences, the estimates."""
 
-import datetime as dt
-
 import dagster as dg
 import pandas as pd
 from pyspark.sql import functions as F
@@ -9,9 +7,9 @@ from pyspark.sql import functions as F
 from assets.checks import run_metadata
 from assets.kinds import DELTA_TABLE
 from assets.inputs import load_checked_sales, sales_check_specs
-from pipelines import balance, estimation, graph, spillover
+from pipelines import balance, estimation, graph, publication, spillover
 from pipelines import metrics as metric_rules
-from pipelines.progress import Progress, spark_progress
+from pipelines.progress import Progress
 from pipelines import experiments as experiment_files
 
 PRE_DAYS = estimation.CounterfactualSettings().pre_days
@@ -161,41 +159,29 @@ def _unit_costs(spark, specs, catalog):
     return spark.createDataFrame(pd.concat(frames, ignore_index=True)[["experiment", "product_id", "unit_cost", "margin_rate"]])
 
 
-def _add_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.DataFrame):
-    """Fill the spillover columns of the between-product experiments (`spillover.experiment_spillover`,
-    the IPW part on the graph snapshot in force at each start); return exposure counts and notes."""
+def _with_spillover(context, results: pd.DataFrame, fd: pd.DataFrame, specs: pd.DataFrame):
+    """`spillover.results_with_spillover` on the graph snapshot in force at each between-product
+    experiment's start (its edges, blocks and enrolment read here)."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     snapshots = warehouse.partitions("substitution_graph", "snapshot_date")
-    between = [s.name for s in experiment_files.frame_to_specs(specs) if s.design in spillover.DRAWN_ONCE_DESIGNS]
-    published_all = warehouse.read(spark, "daily_assignments").where(F.col("experiment").isin(between)).toPandas()
+    parsed = experiment_files.frame_to_specs(specs)
+    between = [s for s in parsed if s.design in spillover.DRAWN_ONCE_DESIGNS and s.name in set(results["experiment"])]
+    published = warehouse.read(spark, "daily_assignments").where(F.col("experiment").isin([s.name for s in between])).toPandas()
     catalog = warehouse.read(spark, "catalog").select("product_id", "subclass").toPandas()
-    rows, notes = [], {}
-    for spec in experiment_files.frame_to_specs(specs):
-        if spec.name not in set(results["experiment"]):
+    exposure_inputs = {}
+    for spec in between:
+        in_force = publication.snapshot_in_force(snapshots, spec.start)
+        if in_force is None or not warehouse.exists("enrolments", ("experiment", spec.name)):
             continue
-        if spec.design not in spillover.DRAWN_ONCE_DESIGNS:
-            notes[spec.name] = "not estimated: no product is a control throughout a design that switches arms over time"
-            continue
-        edges = units = None
-        in_force = [s for s in snapshots if dt.date.fromisoformat(s) <= spec.start]
-        if in_force and warehouse.exists("enrolments", ("experiment", spec.name)):
-            snapshot = ("snapshot_date", in_force[-1])
-            blocks = warehouse.read(spark, graph.BLOCKS_TABLE, snapshot).toPandas() if warehouse.exists(graph.BLOCKS_TABLE, snapshot) else None
-            edges = spillover.exposure_edges(warehouse.read(spark, "substitution_graph", snapshot).toPandas(), blocks, catalog)
-            units = warehouse.read(spark, "enrolments", ("experiment", spec.name)).drop("experiment").toPandas()
-        # the spillover is estimated on the primary metric and reported on its rows
-        primary = (fd["experiment"] == spec.name) & (fd["metric"] == spec.all_metrics[0])
-        found = spillover.experiment_spillover(fd[primary], spec,
-                                               published_all[published_all["experiment"] == spec.name], edges, units)
-        mask = (results["experiment"] == spec.name) & (results["metric"] == spec.all_metrics[0])
-        for column in ("spillover_effect", "spillover_se", "spillover_ci_low", "spillover_ci_high", "spillover_ipw", "spillover_ipw_se"):
-            results.loc[mask, column] = found[column]
-        if found["ipw_message"].startswith("not estimated"):
-            context.log.warning(f"spillover IPW of '{spec.name}' {found['ipw_message']}")
-        rows += [{"experiment": spec.name, "condition": c, "products": int(n)} for c, n in found["exposure_counts"].items()]
-        notes[spec.name] = {key: found[key] for key in ("spillover_effect", "spillover_se", "spillover_ipw", "spillover_ipw_se",
-                                                        "message", "ipw_message")}
-    return pd.DataFrame(rows, columns=["experiment", "condition", "products"]), notes
+        snapshot = ("snapshot_date", in_force)
+        blocks = warehouse.read(spark, graph.BLOCKS_TABLE, snapshot).toPandas() if warehouse.exists(graph.BLOCKS_TABLE, snapshot) else None
+        edges = spillover.exposure_edges(warehouse.read(spark, "substitution_graph", snapshot).toPandas(), blocks, catalog)
+        units = warehouse.read(spark, "enrolments", ("experiment", spec.name)).drop("experiment").toPandas()
+        exposure_inputs[spec.name] = (edges, units)
+    results, exposure, notes, warnings = spillover.results_with_spillover(results, fd, parsed, published, exposure_inputs)
+    for warning in warnings:
+        context.log.warning(warning)
+    return results, exposure, notes
 
 
 def _clusters_in_force(context, specs: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -205,13 +191,13 @@ def _clusters_in_force(context, specs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     snapshots = warehouse.partitions("product_clusters", "snapshot_date")
     found, cache = {}, {}
     for spec in experiment_files.frame_to_specs(specs):
-        in_force = [s for s in snapshots if dt.date.fromisoformat(s) <= spec.start]
-        if spec.design not in estimation.SWITCHBACK_DESIGNS or not in_force:
+        in_force = publication.snapshot_in_force(snapshots, spec.start)
+        if spec.design not in estimation.SWITCHBACK_DESIGNS or in_force is None:
             continue
-        if in_force[-1] not in cache:
-            cache[in_force[-1]] = (warehouse.read(spark, "product_clusters", ("snapshot_date", in_force[-1]))
-                                   .select("product_id", "cluster_id").toPandas())
-        found[spec.name] = cache[in_force[-1]]
+        if in_force not in cache:
+            cache[in_force] = (warehouse.read(spark, "product_clusters", ("snapshot_date", in_force))
+                               .select("product_id", "cluster_id").toPandas())
+        found[spec.name] = cache[in_force]
     return found
 
 
@@ -257,7 +243,7 @@ def experiment_results(context: dg.AssetExecutionContext):
     results = pd.concat(filled, ignore_index=True) if filled else pd.DataFrame(columns=estimation.RESULT_COLUMNS)
     for name, why in problems.items():
         context.log.warning(f"experiment '{name}' not estimated: {why}")
-    exposure, spillover_notes = _add_spillover(context, results, fd, specs)
+    results, exposure, spillover_notes = _with_spillover(context, results, fd, specs)
     warehouse.write(results, "experiment_results")
     # history (issue 16): every refresh's results under its as_of day, never touched by a later
     # refresh (a rerun of the same day rewrites that day only); the cumulative effect by day since start
@@ -304,6 +290,10 @@ def experiment_results(context: dg.AssetExecutionContext):
                 )
             ),
             "spillover": dg.MetadataValue.json(spillover_notes),
+            # every figure traced to the estimator settings that produced it (scikit-learn get_params)
+            "estimator_settings": dg.MetadataValue.json(
+                {f"{key[0]}/{key[1]}": model.get_params() for key, model in sorted(models.items()) if len(key) == 2}
+            ),
             **run_metadata(spark, len(results)),
         }
     )

@@ -159,7 +159,7 @@ def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     catalog_rows = warehouse.read(spark, "catalog")
     # unit_cost (optional): profit's unit cost, checked against each experiment's metrics
     known = catalog_rows.select("product_id", "category", "subclass", *[c for c in ("unit_cost",) if c in catalog_rows.columns]).toPandas()
-    registry = read_registry(warehouse)
+    registry = experiment_files.read_registry(warehouse)
     previous = warehouse.read(spark, "experiments").toPandas() if warehouse.exists("experiments") else None
     directory = warehouse.input_dir / "experiments"
     running = experiment_files.running_specs(registry, previous)
@@ -206,18 +206,3 @@ def experiments(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             )
         ],
     )
-
-
-def read_registry(warehouse, start_spark=None):
-    """The enrolled experiments (one row each: spec, owning file, fingerprint), or None.
-    `start_spark` makes a session when none is active (the CLI's `retire` has none yet; default:
-    an embedded one)."""
-    from pyspark.sql import SparkSession
-
-    from pipelines.spark import get_spark
-
-    if not warehouse.partitions(experiment_files.REGISTRY_TABLE, "experiment"):  # read from the log, no Spark
-        return None
-    spark = SparkSession.getActiveSession() or (start_spark or get_spark)()
-    frame = warehouse.read(spark, experiment_files.REGISTRY_TABLE).toPandas()
-    return frame.drop(columns="experiment").sort_values("name").reset_index(drop=True)

@@ -10,7 +10,6 @@ import datetime as dt
 import os
 
 import dagster as dg
-from pyspark.sql import functions as F
 
 from assets.kinds import DELTA_TABLE
 from pipelines import report, simulation

@@ -29,7 +29,6 @@ history, `--replays` replays each: wall time.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time

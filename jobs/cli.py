@@ -326,7 +326,7 @@ def cmd_retire(args, root: Path) -> int:
 
 def _registry(root: Path):
     """The enrolled experiments (read without Spark), or None."""
-    from assets.inputs import read_registry
+    from pipelines.experiments import read_registry
 
     try:
         from jobs.resources import spark_from_environment

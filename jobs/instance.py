@@ -15,7 +15,7 @@ import re
 
 from dagster import Field, StringSource
 from dagster._core.storage.base_storage import DagsterStorage
-from dagster._serdes import ConfigurableClass, ConfigurableClassData
+from dagster._serdes import ConfigurableClass
 
 POSTGRES_URL_ENV = "PRICELAB_POSTGRES_URL"
 _SCHEME = re.compile(r"^(postgres|postgresql)(\+[a-z0-9_]+)?://", re.IGNORECASE)

@@ -28,6 +28,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from scipy import sparse
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
 from pipelines import metrics as metric_rules
 
@@ -1134,7 +1136,18 @@ def analysed_rows(fd: pd.DataFrame, values: np.ndarray, groups: np.ndarray, bloc
     })
 
 
-class DiDEstimator:
+class _EffectEstimator(BaseEstimator):
+    """What both estimators share: scikit-learn's parameters (`get_params`, `clone`) and the
+    fitted effect's interval at any level."""
+
+    def effect_interval(self, alpha: float | None = None) -> tuple[float, float]:
+        """The (1 - alpha) interval of the fitted effect: effect -/+ t(df_) x SE (`t_interval`);
+        `alpha` defaults to the estimator's own."""
+        check_is_fitted(self, ["effect_", "se_", "df_"])
+        return t_interval(self.effect_, self.se_, self.df_, self.alpha if alpha is None else alpha)
+
+
+class DiDEstimator(_EffectEstimator):
     """Difference in differences of detrended first differences, regression-adjusted, with a unit bootstrap.
 
     Between-product designs: mean first difference of treated products minus control products.
@@ -1147,6 +1160,41 @@ class DiDEstimator:
     adjustment re-fitted in every draw (`adjusted_effect`; k - 1 of a group's k units drawn:
     `resample_counts`); the 95% interval is effect -/+ t x SE with the randomisation units'
     degrees of freedom (`effective_df`, learned as `df_`).
+
+    Parameters
+    ----------
+    n_bootstrap : int, default 1000
+        Bootstrap draws of the randomisation units.
+    alpha : float, default 0.05
+        1 - the interval's level (`ci_`; `effect_interval` takes any other).
+    random_state : int, default 0
+        Seed of the adjustment's folds and the bootstrap.
+    adjust : bool, default True
+        Regression-adjust the first differences on pre-period covariates.
+    adjust_folds : int, default 1
+        Folds of units the adjustment is cross-fitted over (1: pooled, re-fitted in every draw).
+
+    Attributes
+    ----------
+    effect_, se_, df_, ci_ : float, float, float, tuple
+        The effect (units per product-day), its bootstrap SE, degrees of freedom and interval.
+    bootstrap_ : ndarray
+        The bootstrap draws of the effect.
+    variance_reduction_, covariates_ : float, list
+        What the regression adjustment removed of the variance, and on which covariates.
+    carryover_ : dict
+        `carryover_check` of a switchback design.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> fd = pd.DataFrame({"product_id": list("abcdef"), "unit_id": list("abcdef"),
+    ...                    "arm": ["treatment"] * 3 + ["control"] * 3,
+    ...                    "first_difference": [2.1, 1.9, 2.3, 0.1, -0.2, 0.0]})
+    >>> model = DiDEstimator(n_bootstrap=200, adjust=False).fit(fd)
+    >>> round(model.effect_, 2)
+    2.13
+    >>> low, high = model.effect_interval(alpha=0.1)
     """
 
     def __init__(self, n_bootstrap: int = 1000, alpha: float = 0.05, random_state: int = 0, adjust: bool = True,
@@ -1359,7 +1407,7 @@ def _leaf_weighted_effect(s_t, n_t, s_c, n_c, switchback: bool) -> tuple[np.ndar
     return effect, difference, weight
 
 
-class HPTEEstimator:
+class HPTEEstimator(_EffectEstimator):
     """Heterogeneous panel treatment effect (DESIGN.md, steps 2-4) on detrended first differences.
 
     fit(first_differences, features): one experiment's rows of `first_differences` (step 1) and,
@@ -1393,6 +1441,37 @@ class HPTEEstimator:
     heterogeneity_ (per attribute and level/quartile: mean product effect, relative to the
     counterfactual, and the forest's importance), feature_importances_, baseline_,
     variance_reduction_, covariates_, carryover_ (`carryover_check`).
+
+    Parameters
+    ----------
+    n_bootstrap : int, default 1000
+        Bootstrap draws of the randomisation units.
+    trim_k : float, default 2.0
+        The outlier filter's tail share is trim_k / N per tail (0: no filter).
+    n_estimators, min_samples_leaf : int, default 200, 5
+        Trees per fold's causal forest, and its smallest leaf.
+    n_folds : int, default 2
+        Cross-fitting folds of units (a fold's products fall down trees grown without them).
+    alpha : float, default 0.05
+        1 - the interval's level (`ci_`; `effect_interval` takes any other).
+    random_state : int, default 0
+        Seed of the folds, the forests and the bootstrap.
+    adjust, adjust_folds : bool, int, default True, 1
+        Regression adjustment, as in `DiDEstimator`.
+    trim_sd : float or None, default 4.0
+        Only values beyond this many robust sd from the arm's median are trimmed.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> rng = np.random.default_rng(0)
+    >>> arm = np.where(np.arange(60) % 2 == 0, "treatment", "control")
+    >>> fd = pd.DataFrame({"product_id": [f"p{i}" for i in range(60)], "arm": arm,
+    ...                    "unit_id": [f"p{i}" for i in range(60)], "counterfactual_mean": 10.0,
+    ...                    "first_difference": 2.0 * (arm == "treatment") + rng.normal(0, 1, 60)})
+    >>> model = HPTEEstimator(n_bootstrap=200, n_estimators=8, adjust=False).fit(fd)
+    >>> bool(1.0 < model.effect_ < 3.0), sorted(model.get_params())[:2]
+    (True, ['adjust', 'adjust_folds'])
     """
 
     def __init__(
@@ -1459,13 +1538,49 @@ class HPTEEstimator:
     def fit(self, first_differences: pd.DataFrame, features: pd.DataFrame | None = None,
             clusters: pd.DataFrame | None = None) -> "HPTEEstimator":
         """Fit on one experiment's first differences (and catalogue attributes by product_id);
-        `clusters` (product_id, cluster_id): substitute clusters, resampled whole (`BootstrapBlocks`)."""
+        `clusters` (product_id, cluster_id): substitute clusters, resampled whole (`BootstrapBlocks`).
+        The steps, in order (they share one random generator): adjust and trim (`_prepared`), grow
+        the cross-fitted forest (`_forest_leaves`), estimate and bootstrap over its leaves
+        (`_leaf_estimates`), then describe the leaves and products (`_describe`)."""
         fd = _in_product_order(first_differences.dropna(subset=["first_difference"])).drop_duplicates("product_id")
         fd = fd.reset_index(drop=True)
         if fd.empty:
             raise ValueError("no first differences to estimate from")
         rng = np.random.default_rng(self.random_state)
         switchback = bool((fd["arm"] == "switchback").any())
+        fd, groups, blocks = self._prepared(fd, clusters, switchback, rng)
+
+        encoded, raw, columns_of = product_features(fd, features)
+        x = encoded.to_numpy(float)
+        y = fd["first_difference"].to_numpy(float)
+        treated = (fd["arm"] == "treatment").to_numpy()
+        treatment = np.ones(len(fd)) if switchback else treated.astype(float)
+        units = fd["unit_id"].astype(str).to_numpy()
+        folds = _unit_folds(units, fd["arm"].to_numpy(), self.n_folds, rng)
+        leaves, importance = self._forest_leaves(x, treatment, y, folds, switchback)
+        leaf_ids, leaf_column = np.unique(leaves, return_inverse=True)
+        leaf_column = leaf_column.reshape(leaves.shape)
+
+        # the adjustment's covariates, for re-fitting it in every bootstrap draw (`adjusted_effect`;
+        # a cross-fitted adjustment, adjust_folds > 1, is held fixed)
+        refit = self.adjust and self.adjust_folds == 1 and "raw_first_difference" in fd.columns
+        z = covariate_matrix(fd, self.covariates_)[0] if refit else np.zeros((len(fd), 0))
+        if z.shape[1] and len(fd) < 3 * (z.shape[1] + 1):
+            z = np.zeros((len(fd), 0))
+        raw_y = fd["raw_first_difference"].to_numpy(float) if z.shape[1] else y
+        point = self._leaf_estimates(y, raw_y, z, treated, units, leaf_column, len(leaf_ids), blocks, switchback, rng)
+        if switchback:  # every product is its own control: the leaf average is the mean; balance sequences
+            self.effect_, self.bootstrap_ = adjusted_effect(units, raw_y, z, groups, True, self.n_bootstrap, rng,
+                                                            blocks if blocks.blocks is not None else None)
+        self.bootstrap_ = self.bootstrap_[np.isfinite(self.bootstrap_)]
+        self.se_ = float(np.std(self.bootstrap_, ddof=1))
+        self.df_ = effective_df(self.analysed_["unit_id"].astype(str).to_numpy(), y, groups, switchback, z.shape[1])
+        self.ci_ = t_interval(self.effect_, self.se_, self.df_, self.alpha)
+        self._describe(fd, point, leaf_ids, leaf_column, importance, encoded, raw, columns_of, switchback)
+        return self
+
+    def _prepared(self, fd: pd.DataFrame, clusters, switchback: bool, rng) -> tuple[pd.DataFrame, np.ndarray, "BootstrapBlocks"]:
+        """The first differences adjusted and trimmed, their comparison groups and bootstrap blocks."""
         groups = comparison_groups(fd)
         self.carryover_ = carryover_check(fd, blocks=BootstrapBlocks(fd, clusters))
 
@@ -1498,34 +1613,21 @@ class HPTEEstimator:
             n_units = fd.loc[groups == group, "unit_id"].nunique()
             if n_units < 2:
                 raise ValueError(f"the {group} arm has {n_units} randomisation unit(s) with data after trimming; need >= 2")
+        return fd, groups, blocks
 
-        encoded, raw, columns_of = product_features(fd, features)
-        x = encoded.to_numpy(float)
-        y = fd["first_difference"].to_numpy(float)
-        treated = (fd["arm"] == "treatment").to_numpy()
-        treatment = np.ones(len(fd)) if switchback else treated.astype(float)
-        units = fd["unit_id"].astype(str).to_numpy()
-        folds = _unit_folds(units, fd["arm"].to_numpy(), self.n_folds, rng)
-        leaves, importance = self._forest_leaves(x, treatment, y, folds, switchback)
-        leaf_ids, leaf_column = np.unique(leaves, return_inverse=True)
-        leaf_column = leaf_column.reshape(leaves.shape)
-        n_columns = len(leaf_ids)
+    def _leaf_estimates(self, y, raw_y, z, treated, units, leaf_column, n_columns: int, blocks, switchback: bool, rng) -> tuple:
+        """The leaf-weighted estimate and its bootstrap draws (`effect_`, `bootstrap_`); returns the
+        sample's per-leaf sums (s_t, n_t, s_c, n_c, difference, weight) for `_describe`.
 
-        # the adjustment's covariates, for re-fitting it in every bootstrap draw (`adjusted_effect`;
-        # a cross-fitted adjustment, adjust_folds > 1, is held fixed)
-        refit = self.adjust and self.adjust_folds == 1 and "raw_first_difference" in fd.columns
-        z = covariate_matrix(fd, self.covariates_)[0] if refit else np.zeros((len(fd), 0))
-        if z.shape[1] and len(fd) < 3 * (z.shape[1] + 1):
-            z = np.zeros((len(fd), 0))
+        Unit-by-leaf sums and counts per arm (switchback: everything in the 'treated' slot, and no
+        leaf bootstrap: the estimate is the balanced mean `fit` takes, the leaves only describe);
+        between designs with the adjustment re-fitted: also the raw first difference's and every
+        covariate's sums (the leaf-weighted estimate is linear in the outcome for given weights,
+        so the draw's estimate is that of the raw values minus theta_b times the covariates').
+        Long (about 70 lines) because the sums, the draws and the per-draw moments share one pass
+        over the arms and one over blocks of leaf columns; splitting them would repeat both loops."""
         k = z.shape[1]
-        raw_y = fd["raw_first_difference"].to_numpy(float) if k else y
-
-        # unit-by-leaf sums and counts per arm (switchback: everything in the 'treated' slot, and no
-        # leaf bootstrap: the estimate is the balanced mean below, the leaves only describe);
-        # between designs with the adjustment re-fitted: also the raw first difference's and every
-        # covariate's sums (the leaf-weighted estimate is linear in the outcome for given weights,
-        # so the draw's estimate is that of the raw values minus theta_b times the covariates')
-        first_arm = np.ones(len(fd), bool) if switchback else treated
+        first_arm = np.ones(len(y), bool) if switchback else treated
         n_draws = 0 if switchback else self.n_bootstrap
         outcomes = [y] if not k else [raw_y, *z.T]
         sums, draws, moments = [], [], []
@@ -1552,51 +1654,18 @@ class HPTEEstimator:
         s_t, s_c = [np.bincount(leaf_column[mask].ravel(), weights=np.repeat(y[mask], leaf_column.shape[1]), minlength=n_columns)
                     for mask in (first_arm, ~first_arm)]
         effect, difference, weight = _leaf_weighted_effect(s_t[None], n_t[None], s_c[None], n_c[None], switchback)
-        point = (s_t, n_t, s_c, n_c, difference[0], weight[0])
-        # bootstrap draws, a block of leaf columns at a time (leaves of different trees are
-        # disjoint, so the leaf-weighted sums add up over blocks): one sparse (leaves x units) by
-        # dense (units x draws) product per arm and quantity, all draws at once
-        numerator, denominator = np.zeros((len(outcomes), n_draws)), np.zeros(n_draws)
-        block = max(1, int(8e6 // max(n_draws * len(outcomes), 1)))
-        for first in range(0, n_columns if n_draws else 0, block):
-            columns = slice(first, min(first + block, n_columns))
-            counts = []
-            for (_, c), d in zip(sums, draws):
-                counts.append(np.zeros((columns.stop - columns.start, n_draws)) if d is None else np.asarray(c[:, columns].T @ d))
-            for j in range(len(outcomes)):
-                parts = []
-                for (m, _), d, count in zip(sums, draws, counts):
-                    total = np.zeros_like(count) if d is None else np.asarray(m[j][:, columns].T @ d)
-                    parts += [total, count.copy()]
-                part_numerator, part_denominator = _leaf_weighted_sums(*parts, switchback, axis=0)
-                numerator[j] += part_numerator
-                if j == 0:
-                    denominator += part_denominator
-        if k and len(moments) == 2:  # theta_b from each draw's pooled within-arm moments, as `adjusted_effect`
-            wxx, wxy = np.zeros((n_draws, k, k)), np.zeros((n_draws, k))
-            for m in moments:
-                c, sy, sx = np.maximum(m[:, 0], 1e-12), m[:, 1], m[:, 2:2 + k]
-                wxx += m[:, 2 + k:2 + k + k * k].reshape(n_draws, k, k) - sx[:, :, None] * sx[:, None, :] / c[:, None, None]
-                wxy += m[:, 2 + k + k * k:] - sx * (sy / c)[:, None]
-            theta = np.einsum("bij,bj->bi", np.linalg.pinv(wxx), wxy)
-            numerator = numerator[0] - np.einsum("bk,kb->b", theta, numerator[1:])
-        else:
-            numerator = numerator[0]
+        numerator, denominator = _bootstrap_leaf_sums(sums, draws, len(outcomes), n_columns, n_draws, switchback)
+        numerator = _minus_adjustment(numerator, moments, k, n_draws) if k and len(moments) == 2 else numerator[0]
         with np.errstate(invalid="ignore", divide="ignore"):
             estimates = np.concatenate([effect, numerator / denominator])
         self.effect_ = float(estimates[0])
         self.bootstrap_ = estimates[1:]
         if not np.isfinite(self.effect_):
             raise ValueError("no causal-forest leaf holds both arms")
-        if switchback:  # every product is its own control: the leaf average is the mean; balance sequences
-            self.effect_, self.bootstrap_ = adjusted_effect(units, raw_y, z, groups, True, self.n_bootstrap, rng,
-                                                            blocks if blocks.blocks is not None else None)
-        self.bootstrap_ = self.bootstrap_[np.isfinite(self.bootstrap_)]
-        self.se_ = float(np.std(self.bootstrap_, ddof=1))
-        self.df_ = effective_df(self.analysed_["unit_id"].astype(str).to_numpy(), y, groups, switchback, k)
-        self.ci_ = t_interval(self.effect_, self.se_, self.df_, self.alpha)
+        return s_t, n_t, s_c, n_c, difference[0], weight[0]
 
-        # descriptions: leaves, per-product effects, heterogeneity by attribute
+    def _describe(self, fd, point, leaf_ids, leaf_column, importance, encoded, raw, columns_of, switchback: bool) -> None:
+        """Descriptions: the leaves, per-product effects and heterogeneity by attribute."""
         s_t, n_t, s_c, n_c, difference, weight = point
         fold_tree = leaf_ids // _LEAF_STRIDE
         self.leaf_effects_ = pd.DataFrame(
@@ -1610,7 +1679,7 @@ class HPTEEstimator:
                 "skipped": weight <= 0,
             }
         )
-        self.n_leaves_ = int(n_columns)
+        self.n_leaves_ = int(len(leaf_ids))
         self.n_leaves_skipped_ = int((weight <= 0).sum())
         leaf_difference = np.where(weight > 0, difference, np.nan)
         per_tree = leaf_difference[leaf_column]
@@ -1626,7 +1695,42 @@ class HPTEEstimator:
         self.n_products_ = int(len(fd))
         self.n_units_ = int(fd["unit_id"].nunique())
         self.switchback_ = switchback
-        return self
+
+
+def _bootstrap_leaf_sums(sums, draws, n_outcomes: int, n_columns: int, n_draws: int, switchback: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per outcome and draw, the leaf-weighted sum (numerator) and per draw the total weight, a
+    block of leaf columns at a time (leaves of different trees are disjoint, so the leaf-weighted
+    sums add up over blocks): one sparse (leaves x units) by dense (units x draws) product per arm
+    and quantity, all draws at once."""
+    numerator, denominator = np.zeros((n_outcomes, n_draws)), np.zeros(n_draws)
+    block = max(1, int(8e6 // max(n_draws * n_outcomes, 1)))
+    for first in range(0, n_columns if n_draws else 0, block):
+        columns = slice(first, min(first + block, n_columns))
+        counts = []
+        for (_, c), d in zip(sums, draws):
+            counts.append(np.zeros((columns.stop - columns.start, n_draws)) if d is None else np.asarray(c[:, columns].T @ d))
+        for j in range(n_outcomes):
+            parts = []
+            for (m, _), d, count in zip(sums, draws, counts):
+                total = np.zeros_like(count) if d is None else np.asarray(m[j][:, columns].T @ d)
+                parts += [total, count.copy()]
+            part_numerator, part_denominator = _leaf_weighted_sums(*parts, switchback, axis=0)
+            numerator[j] += part_numerator
+            if j == 0:
+                denominator += part_denominator
+    return numerator, denominator
+
+
+def _minus_adjustment(numerator: np.ndarray, moments: list, k: int, n_draws: int) -> np.ndarray:
+    """The raw outcome's numerator minus theta_b times the covariates', theta_b from each draw's
+    pooled within-arm moments, as `adjusted_effect` does."""
+    wxx, wxy = np.zeros((n_draws, k, k)), np.zeros((n_draws, k))
+    for m in moments:
+        c, sy, sx = np.maximum(m[:, 0], 1e-12), m[:, 1], m[:, 2:2 + k]
+        wxx += m[:, 2 + k:2 + k + k * k].reshape(n_draws, k, k) - sx[:, :, None] * sx[:, None, :] / c[:, None, None]
+        wxy += m[:, 2 + k + k * k:] - sx * (sy / c)[:, None]
+    theta = np.einsum("bij,bj->bi", np.linalg.pinv(wxx), wxy)
+    return numerator[0] - np.einsum("bk,kb->b", theta, numerator[1:])
 
 
 def _heterogeneity_table(raw: pd.DataFrame, columns_of: dict[str, list[str]], product_effect: np.ndarray,

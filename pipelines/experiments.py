@@ -701,6 +701,21 @@ def registry_frame(spec: ExperimentSpec) -> pd.DataFrame:
     return specs_to_frame([spec]).assign(file=_file_name(spec.source), fingerprint=spec_fingerprint(spec))
 
 
+def read_registry(warehouse, start_spark=None) -> pd.DataFrame | None:
+    """The enrolled experiments (one row each: spec, owning file, fingerprint), or None.
+    `start_spark` makes a session when none is active (the CLI's `retire` has none yet; default:
+    an embedded one)."""
+    from pyspark.sql import SparkSession
+
+    from pipelines.spark import get_spark
+
+    if not warehouse.partitions(REGISTRY_TABLE, "experiment"):  # read from the log, no Spark
+        return None
+    spark = SparkSession.getActiveSession() or (start_spark or get_spark)()
+    frame = warehouse.read(spark, REGISTRY_TABLE).toPandas()
+    return frame.drop(columns="experiment").sort_values("name").reset_index(drop=True)
+
+
 def running_specs(registry: pd.DataFrame | None, previous: pd.DataFrame | None) -> dict[str, ExperimentSpec]:
     """Name -> last valid spec of every enrolled experiment: the previous accepted spec when it
     still came from the enrolling file, else the spec as enrolled."""

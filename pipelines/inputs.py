@@ -14,9 +14,8 @@ keep one row.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, timedelta
 from pathlib import Path
 
 from pipelines.contract import (  # noqa: F401  (re-exported: callers use pipelines.inputs.*)

@@ -369,28 +369,65 @@ def _contrast(draws: _Draws, realised: np.ndarray, y: np.ndarray, k: int, l: int
             "hajek": mean_k - mean_l, "hajek_se": float(np.sqrt(hajek_var))}
 
 
+class _Redraws:
+    """The design drawn again: draw 0 with the experiment's own seed, then `n_redraws` other seeds
+    (the same rule as the published assignments), and each draw's treated indicator per product."""
+
+    def __init__(self, spec: ExperimentSpec, rows: pd.DataFrame, units: pd.DataFrame, edges: pd.DataFrame, n_redraws: int):
+        self.unit_table, arms = draw_arms(spec, units, [spec.seed, *redraw_seeds(spec, n_redraws)])
+        product_unit = rows.drop_duplicates("product_id").set_index("product_id")["unit_id"]
+        self.products, self.unit_ids = product_unit.index.to_numpy(), product_unit.to_numpy()
+        self.unit_pos = pd.Index(self.unit_table["unit_id"]).get_indexer(self.unit_ids)
+        if (self.unit_pos < 0).any():
+            missing = product_unit[self.unit_pos < 0].head(5).tolist()
+            raise ValueError(f"experiment '{spec.name}': unit(s) {missing} of the assignments are not in `units`")
+        self.m, self.has_neighbours = _product_exposure_matrix(rows, edges, self.products)
+        self.treated = arms[:, self.unit_pos]  # draws x products; row 0 is the seed's own draw
+
+    def conditions(self, treated: np.ndarray, mostly_treated_share: float) -> tuple[np.ndarray, np.ndarray]:
+        """(exposure, condition code) of each draw's treated indicators (draws x products)."""
+        exposure = np.asarray((self.m @ treated.T.astype(float)).T)
+        return exposure, condition_of(treated, exposure, mostly_treated_share)
+
+    def product_strata(self) -> tuple[np.ndarray, int]:
+        """Per product, the index of its unit's stratum, and the number of strata."""
+        strata = pd.Index(np.unique(self.unit_table["stratum"]))
+        return strata.get_indexer(self.unit_table["stratum"].to_numpy()[self.unit_pos]), len(strata)
+
+
+def _experiment_rows(assignments: pd.DataFrame, spec: ExperimentSpec) -> pd.DataFrame:
+    """The experiment's assignment rows, with string product and unit ids."""
+    rows = assignments[assignments["experiment"] == spec.name] if "experiment" in assignments.columns else assignments
+    return rows.assign(product_id=rows["product_id"].astype(str), unit_id=rows["unit_id"].astype(str))
+
+
 def exposure_probabilities(
     spec: ExperimentSpec, assignments: pd.DataFrame, edges: pd.DataFrame, units: pd.DataFrame,
     n_redraws: int = 1000, mostly_treated_share: float = 0.5,
 ) -> pd.DataFrame:
     """Per enrolled product: its realised exposure and condition and, from `n_redraws` redraws of
     the design, the probability of each exposure condition (columns p_<condition>)."""
-    rows = assignments[assignments["experiment"] == spec.name] if "experiment" in assignments.columns else assignments
-    rows = rows.assign(product_id=rows["product_id"].astype(str), unit_id=rows["unit_id"].astype(str))
-    unit_table, arms = draw_arms(spec, units, [spec.seed, *redraw_seeds(spec, n_redraws)])
-    product_unit = rows.drop_duplicates("product_id").set_index("product_id")["unit_id"]
-    products = product_unit.index.to_numpy()
-    unit_pos = pd.Index(unit_table["unit_id"]).get_indexer(product_unit.to_numpy())
-    m, has_neighbours = _product_exposure_matrix(rows, edges, products)
-    treated = arms[:, unit_pos]
-    exposure = np.asarray((m @ treated.T.astype(float)).T)
-    codes = condition_of(treated, exposure, mostly_treated_share)
-    out = pd.DataFrame({"product_id": products, "unit_id": product_unit.to_numpy(), "treated": treated[0],
-                        "exposure": exposure[0], "has_neighbours": has_neighbours,
+    design = _Redraws(spec, _experiment_rows(assignments, spec), units, edges, n_redraws)
+    exposure, codes = design.conditions(design.treated, mostly_treated_share)
+    out = pd.DataFrame({"product_id": design.products, "unit_id": design.unit_ids, "treated": design.treated[0],
+                        "exposure": exposure[0], "has_neighbours": design.has_neighbours,
                         "condition": np.asarray(CONDITIONS, dtype=object)[codes[0]]})
     for k, name in enumerate(CONDITIONS):
         out[f"p_{name}"] = (codes[1:] == k).mean(axis=0)
     return out
+
+
+def _published_arms(rows: pd.DataFrame, spec: ExperimentSpec, design: _Redraws) -> np.ndarray:
+    """Per product, treated in the published rows; refused unless the seed's redraw gives the same."""
+    published = rows.groupby("product_id")["arm"].agg(lambda a: (a == "treatment").mean() >= 0.5).reindex(design.products).to_numpy()
+    drawn = design.treated[0]
+    if (published != drawn).any():
+        bad = design.products[published != drawn][:5].tolist()
+        raise ValueError(
+            f"experiment '{spec.name}': re-drawing seed {spec.seed} does not reproduce the published arms of "
+            f"product(s) {bad}; the units, strata or spec differ from the ones the assignments used"
+        )
+    return published
 
 
 def estimate_spillover(
@@ -439,61 +476,51 @@ def estimate_spillover(
         raise ValueError(f"min_probability must be in (0, 1), got {min_probability}")
     _check_columns(assignments, ("date", "product_id", "unit_id", "arm", "blackout"), "assignments")
     _check_columns(first_differences, ("product_id", "first_difference"), "first_differences")
-    rows = assignments
-    if "experiment" in rows.columns:
-        rows = rows[rows["experiment"] == spec.name]
+    rows = _experiment_rows(assignments, spec)
     if rows.empty:
         raise ValueError(f"experiment '{spec.name}': no assignment rows")
-    rows = rows.assign(product_id=rows["product_id"].astype(str), unit_id=rows["unit_id"].astype(str))
     fd = first_differences
     if "experiment" in fd.columns:
         fd = fd[fd["experiment"] == spec.name]
-
     if units is None:
         if catalog is None:
             raise ValueError("estimate_spillover: pass `units` (enrolment_units output) or `catalog` (product_id, subclass)")
         units = units_from_catalog(rows, catalog)
-    unit_table, arms = draw_arms(spec, units, [spec.seed, *redraw_seeds(spec, n_redraws)])
 
-    # products and their unit; the published arm must be what the seed draws
-    product_unit = rows.drop_duplicates("product_id").set_index("product_id")["unit_id"]
-    products = product_unit.index.to_numpy()
-    unit_pos = pd.Index(unit_table["unit_id"]).get_indexer(product_unit.to_numpy())
-    if (unit_pos < 0).any():
-        missing = product_unit[unit_pos < 0].head(5).tolist()
-        raise ValueError(f"experiment '{spec.name}': unit(s) {missing} of the assignments are not in `units`")
-    published = rows.groupby("product_id")["arm"].agg(lambda a: (a == "treatment").mean() >= 0.5).reindex(products).to_numpy()
-    drawn = arms[0, unit_pos]
-    if (published != drawn).any():
-        bad = products[published != drawn][:5].tolist()
-        raise ValueError(
-            f"experiment '{spec.name}': re-drawing seed {spec.seed} does not reproduce the published arms of "
-            f"product(s) {bad}; the units, strata or spec differ from the ones the assignments used"
-        )
-
-    m, has_neighbours = _product_exposure_matrix(rows, edges, products)
-    treated_draws = arms[1:, unit_pos]
-    exposure_draws = np.asarray((m @ treated_draws.T.astype(float)).T)
-    codes = condition_of(treated_draws, exposure_draws, mostly_treated_share)
-    exposure = m @ published.astype(float)
-    realised = condition_of(published, exposure, mostly_treated_share)
-
-    strata = pd.Index(np.unique(unit_table["stratum"]))
-    product_stratum = strata.get_indexer(unit_table["stratum"].to_numpy()[unit_pos])
-    draws = _Draws(codes, _dependence_blocks(product_stratum, m, len(strata)))
+    design = _Redraws(spec, rows, units, edges, n_redraws)
+    published = _published_arms(rows, spec, design)
+    treated_draws = design.treated[1:]
+    _, codes = design.conditions(treated_draws, mostly_treated_share)
+    realised = condition_of(published, design.m @ published.astype(float), mostly_treated_share)
+    product_stratum, n_strata = design.product_strata()
+    draws = _Draws(codes, _dependence_blocks(product_stratum, design.m, n_strata))
 
     y_by_product = fd.assign(product_id=fd["product_id"].astype(str)).drop_duplicates("product_id").set_index("product_id")["first_difference"]
-    y = y_by_product.reindex(products).to_numpy(float)
+    y = y_by_product.reindex(design.products).to_numpy(float)
     observed = np.isfinite(y)
     y = np.where(observed, y, 0.0)
 
-    pi = draws.pi
     counts = {name: int(((realised == k) & observed).sum()) for k, name in enumerate(CONDITIONS)}
-    counts["isolated"] = int((~has_neighbours & observed).sum())
+    counts["isolated"] = int((~design.has_neighbours & observed).sum())
     result: dict = {"exposure_counts": counts, "n_redraws": int(n_redraws), "n_products": int(observed.sum())}
     messages = []
+    a_spill = _spillover_on_controls(result, messages, draws, realised, y, observed, published, treated_draws,
+                                     min_probability, min_exposed_controls, max_unsupported_share, n_redraws)
+    stabilised = np.zeros(len(design.products), dtype=bool)
+    for k in (CST, CNT):
+        stabilised |= (realised == k) & (a_spill > 0) & (draws.pi[k] < min_probability)
+    stabilised |= _direct_and_global(result, messages, draws, realised, y, observed, min_probability)
+    result["n_stabilised"] = int(stabilised.sum())
+    result["min_probability"] = float(min_probability)
+    result["message"] = "; ".join(messages)
+    return result
 
-    # spillover on controls: exposed controls vs odds-weighted unexposed controls
+
+def _spillover_on_controls(result: dict, messages: list, draws: _Draws, realised, y, observed, published, treated_draws,
+                           min_probability, min_exposed_controls, max_unsupported_share, n_redraws) -> np.ndarray:
+    """Exposed controls against odds-weighted unexposed controls (Hajek, scaled by the exposed
+    share), or 0 by design / NaN with the reason; fills `result`, returns the contrast's weights."""
+    pi = draws.pi
     control = ~published & observed
     a_spill = np.where(observed, pi[CST], 0.0)
     spill = _contrast(draws, realised, y, CST, CNT, a_spill, float(np.sum(np.where(observed, 1.0 - np.mean(treated_draws, axis=0), 0.0))), min_probability)
@@ -522,10 +549,15 @@ def estimate_spillover(
         )
     result["spillover_ci_low"] = result["spillover_effect"] - Z_95 * result["spillover_se"]
     result["spillover_ci_high"] = result["spillover_effect"] + Z_95 * result["spillover_se"]
+    return a_spill
 
-    stabilised = np.zeros(len(products), dtype=bool)
-    for k in (CST, CNT):
-        stabilised |= (realised == k) & (a_spill > 0) & (pi[k] < min_probability)
+
+def _direct_and_global(result: dict, messages: list, draws: _Draws, realised, y, observed, min_probability) -> np.ndarray:
+    """Direct (treated, few neighbours treated) and global (treated, most treated) effects against
+    unexposed controls, on the products with support in both conditions; fills `result`, returns
+    the products whose probability was floored."""
+    pi = draws.pi
+    stabilised = np.zeros(len(y), dtype=bool)
     result["n_not_estimable"] = {}
     for name, k in (("direct_effect", TFT), ("global_effect", TMT)):
         both = observed & (pi[k] > 0) & (pi[CNT] > 0)
@@ -537,10 +569,7 @@ def estimate_spillover(
             messages.append(f"{name} not estimable: {est['n_k']} product(s) in {CONDITIONS[k]}, {est['n_l']} in {CONDITIONS[CNT]}")
         for cond in (k, CNT):
             stabilised |= (realised == cond) & both & (pi[cond] < min_probability)
-    result["n_stabilised"] = int(stabilised.sum())
-    result["min_probability"] = float(min_probability)
-    result["message"] = "; ".join(messages)
-    return result
+    return stabilised
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,3 +695,38 @@ def experiment_spillover(first_differences: pd.DataFrame, spec: ExperimentSpec, 
                        exposure_counts=ipw["exposure_counts"], ipw_message=ipw["message"],
                        exposed_control_share=ipw["exposed_control_share"], stabilised_products=ipw["n_stabilised"])
     return out
+
+
+SPILLOVER_COLUMNS = ("spillover_effect", "spillover_se", "spillover_ci_low", "spillover_ci_high", "spillover_ipw", "spillover_ipw_se")
+
+
+def results_with_spillover(results: pd.DataFrame, first_differences: pd.DataFrame, specs: Sequence[ExperimentSpec],
+                           assignments: pd.DataFrame, exposure_inputs: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict, list[str]]:
+    """`results` (a copy) with the spillover columns of each between-product experiment filled on
+    its primary metric's rows (`experiment_spillover`); `exposure_inputs`: name -> (edges, units) of
+    the graph snapshot in force at its start, or missing when there is none. Returns the results,
+    the products per exposure condition, a note per experiment and the warnings to log."""
+    results = results.copy()
+    rows, notes, warnings = [], {}, []
+    estimated = set(results["experiment"])
+    for spec in specs:
+        if spec.name not in estimated:
+            continue
+        if spec.design not in DRAWN_ONCE_DESIGNS:
+            notes[spec.name] = "not estimated: no product is a control throughout a design that switches arms over time"
+            continue
+        edges, units = exposure_inputs.get(spec.name, (None, None))
+        primary = spec.all_metrics[0]  # the spillover is estimated on the primary metric and reported on its rows
+        found = experiment_spillover(
+            first_differences[(first_differences["experiment"] == spec.name) & (first_differences["metric"] == primary)],
+            spec, assignments[assignments["experiment"] == spec.name], edges, units,
+        )
+        mask = (results["experiment"] == spec.name) & (results["metric"] == primary)
+        for column in SPILLOVER_COLUMNS:
+            results.loc[mask, column] = found[column]
+        if found["ipw_message"].startswith("not estimated"):
+            warnings.append(f"spillover IPW of '{spec.name}' {found['ipw_message']}")
+        rows += [{"experiment": spec.name, "condition": c, "products": int(n)} for c, n in found["exposure_counts"].items()]
+        notes[spec.name] = {key: found[key] for key in ("spillover_effect", "spillover_se", "spillover_ipw", "spillover_ipw_se",
+                                                        "message", "ipw_message")}
+    return results, pd.DataFrame(rows, columns=["experiment", "condition", "products"]), notes, warnings

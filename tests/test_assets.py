@@ -12,6 +12,7 @@ import pytest
 from assets import estimation
 from jobs.definitions import build_definitions
 from jobs.resources import SparkResource, WarehouseResource
+from pipelines.estimation import HPTEEstimator
 from pipelines.simulation import MarketConfig, write_demo_inputs
 from pipelines.storage import Warehouse
 
@@ -118,6 +119,12 @@ def test_the_whole_flow_on_a_tiny_market(spark, tiny_market, tmp_path, table_acc
     assert set(table["experiment"]) == {"time-bound-kitchen", "triggered-garden", "random-days-toys", "crossover-pets"}
     assert (table["se"] > 0).all() and (table["ci_low"] < table["ci_high"]).all()
     assert (warehouse.tables_dir / "report" / "report.md").read_text().count("|") > 10
+    # every estimate's settings are in the results' metadata (scikit-learn get_params)
+    estimated, = [m for m in results.asset_materializations_for_node("experiment_results")
+                  if m.asset_key == dg.AssetKey("experiment_results")]
+    settings = estimated.metadata["estimator_settings"].value
+    assert settings["crossover-pets/hpte"]["n_estimators"] == HPTEEstimator().n_estimators
+    assert set(settings) == {f"{name}/{e}" for name in set(table["experiment"]) for e in ("did", "hpte")}
     # lineage (issue 14): every table an asset read is its own or a declared upstream asset's
     reads, writes = table_access
     assert {t for _, t in reads} >= {"catalog", "daily_assignments", "enrolments", "first_differences", "spillover_exposure"}

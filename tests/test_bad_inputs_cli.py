@@ -309,7 +309,7 @@ def test_validate_inputs_running_case(name, cli_published_market, tmp_path, monk
 def test_validate_inputs_reads_the_running_experiments_as_build_graph_does(spark, cli_published_market):
     """The registry and the accepted experiments read from the Delta log without Spark give the
     running specs the `experiments` asset computes through Spark."""
-    from assets.inputs import read_registry
+    from pipelines.experiments import read_registry
     from pipelines import experiments as ex
     from pipelines.storage import Warehouse
     from pipelines.validation import running_from_warehouse

@@ -468,3 +468,29 @@ def test_back_test_windows_are_predicted_out_of_sample():
     fd_shifted = estimation.first_differences_pandas(shifted, assignments, {"e": "time_bound"})
     rule_window_1 = lambda f: np.array(f["candidate_placebo_windows"].iloc[0]).reshape(len(estimation.COUNTERFACTUALS), -1)[0, 0]  # noqa: E731
     assert rule_window_1(fd_shifted) - rule_window_1(fd) == pytest.approx(5.0, abs=1e-9)
+
+
+def test_estimators_follow_scikit_learn_conventions():
+    """BaseEstimator parameters (get_params, clone), the numpydoc examples run, and the interval at
+    any level comes from the fitted state (a fit with the same parameters gives the same numbers)."""
+    import doctest
+
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+
+    failures, tried = doctest.testmod(estimation, optionflags=doctest.ELLIPSIS)
+    assert tried >= 6 and failures == 0
+    fd, catalog = _between_fd(4)
+    for model in (estimation.HPTEEstimator(n_bootstrap=100, n_estimators=8, random_state=1),
+                  estimation.DiDEstimator(n_bootstrap=100, random_state=1)):
+        copy = clone(model)
+        assert copy.get_params() == model.get_params() and copy is not model
+        with pytest.raises(NotFittedError):
+            copy.effect_interval()
+        fitted = model.fit(fd, catalog) if isinstance(model, estimation.HPTEEstimator) else model.fit(fd)
+        assert fitted.effect_interval() == fitted.ci_
+        low, high = fitted.effect_interval(alpha=0.5)
+        assert fitted.ci_[0] < low < fitted.effect_ < high < fitted.ci_[1]
+        again = clone(model)
+        again = again.fit(fd, catalog) if isinstance(again, estimation.HPTEEstimator) else again.fit(fd)
+        assert again.effect_ == fitted.effect_ and again.se_ == fitted.se_

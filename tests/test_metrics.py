@@ -2,7 +2,6 @@
 delta-method interval, Holm, guardrails, one results row per metric."""
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 import numpy as np

@@ -7,7 +7,6 @@ psycopg2 (a bare URL under SQLAlchemy 2.1 would ask for psycopg 3, which is not 
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import socket
 import subprocess

@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 

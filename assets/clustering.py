@@ -14,6 +14,13 @@ from pipelines import clustering, graph
 from pipelines.progress import spark_progress
 
 MAX_CLUSTER_SIZE = 40
+
+
+class ClusteringConfig(dg.Config):
+    """Run-level knob (set it in the launchpad): the largest cluster Leiden may leave. It applies
+    to the clusters snapshots this run writes; written snapshots are never rewritten."""
+
+    max_cluster_size: int = MAX_CLUSTER_SIZE
 EVERY_PRODUCT_ONE_CLUSTER = "every_product_in_one_cluster"
 
 
@@ -25,12 +32,14 @@ EVERY_PRODUCT_ONE_CLUSTER = "every_product_in_one_cluster"
     check_specs=[
         dg.AssetCheckSpec(
             EVERY_PRODUCT_ONE_CLUSTER, asset="product_clusters", blocking=True,
-            description=f"every catalogue product has exactly one cluster, of at most {MAX_CLUSTER_SIZE} products",
+            description="every catalogue product has exactly one cluster, of at most the run's max_cluster_size products",
         )
     ],
 )
-def product_clusters(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def product_clusters(context: dg.AssetExecutionContext, config: ClusteringConfig) -> dg.MaterializeResult:
     """(product_id, cluster_id) for every product: components, then Leiden inside each."""
+    if config.max_cluster_size < 2:
+        raise dg.Failure(f"product_clusters: config max_cluster_size {config.max_cluster_size} must be at least 2")
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     snapshots = warehouse.partitions("substitution_graph", "snapshot_date")
     if not snapshots:
@@ -50,7 +59,7 @@ def product_clusters(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         blocks = warehouse.read(spark, graph.BLOCKS_TABLE, partition).toPandas() if warehouse.exists(graph.BLOCKS_TABLE, partition) else None
         with spark_progress(spark, f"clusters {snapshot}", context.log.info):
             clusters = clustering.cluster_products(
-                warehouse.read(spark, "substitution_graph", partition), catalog, max_cluster_size=MAX_CLUSTER_SIZE,
+                warehouse.read(spark, "substitution_graph", partition), catalog, max_cluster_size=config.max_cluster_size,
                 blocks=blocks, checkpoint_dir=str(warehouse.root / "checkpoints"),
             )
             warehouse.write(clusters, "product_clusters", partition)
@@ -67,12 +76,14 @@ def product_clusters(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     problems = {
         "products_without_cluster": products.join(clusters, "product_id", "left_anti").count(),
         "products_in_several_clusters": per_product.where("n > 1").count(),
-        "clusters_over_max_size": clusters.groupBy("cluster_id").count().where(F.col("count") > MAX_CLUSTER_SIZE).count(),
     }
+    if not reused:  # a reused snapshot was built under its own run's limit, which this run does not know
+        problems["clusters_over_max_size"] = clusters.groupBy("cluster_id").count().where(F.col("count") > config.max_cluster_size).count()
     return dg.MaterializeResult(
         metadata={
             "snapshot_date": snapshots[-1],
             "reused_snapshot": reused,
+            "max_cluster_size": config.max_cluster_size,  # of this run's snapshots
             **run_metadata(spark, clusters.count()),
             **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
             "metrics": dg.MetadataValue.json(metrics),

@@ -201,6 +201,14 @@ def _clusters_in_force(context, specs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return found
 
 
+class EstimationConfig(dg.Config):
+    """Run-level knob of a results refresh (set it in the launchpad): bootstrap draws per estimate
+    (the SE's own Monte Carlo error is about SE / sqrt(2 x n_bootstrap)). Results of the same day
+    and settings are reproduced bit for bit; `estimator_settings` in the metadata records them."""
+
+    n_bootstrap: int = estimation.HPTEEstimator().n_bootstrap
+
+
 RESULTS_READS = ["first_differences", "experiments", "experiment_sales", "catalog", "substitution_graph", "product_clusters",
                  "daily_assignments", "enrolments"]
 
@@ -218,10 +226,12 @@ RESULTS_READS = ["first_differences", "experiments", "experiment_sales", "catalo
     ],
     required_resource_keys={"spark", "warehouse"},
 )
-def experiment_results(context: dg.AssetExecutionContext):
+def experiment_results(context: dg.AssetExecutionContext, config: EstimationConfig):
     """One row per experiment and estimator (plain DiD and HPTE): effect, SE, 95% interval
     (contract v1); HPTE's heterogeneity (which kinds of products respond more) as metadata.
     The same fit writes the results' history, the effect over time and the spillover exposure."""
+    if config.n_bootstrap < 100:
+        raise dg.Failure(f"experiment_results: config n_bootstrap {config.n_bootstrap} is below 100; an SE from fewer draws is too noisy to report")
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     fd = warehouse.read(spark, "first_differences").toPandas()
     specs = warehouse.read(spark, "experiments").toPandas()
@@ -234,7 +244,7 @@ def experiment_results(context: dg.AssetExecutionContext):
     progress = Progress("experiment_results", len(specs), "experiment(s)", context.log.info)
     parts, problems = [], {}
     for i in range(len(specs)):
-        part, part_problems = estimation.estimate_experiments(fd, specs.iloc[[i]], as_of, features=catalog,
+        part, part_problems = estimation.estimate_experiments(fd, specs.iloc[[i]], as_of, n_bootstrap=config.n_bootstrap, features=catalog,
                                                               models=models, clusters=clusters)
         parts.append(part)
         problems.update(part_problems)
@@ -248,7 +258,7 @@ def experiment_results(context: dg.AssetExecutionContext):
     # history (issue 16): every refresh's results under its as_of day, never touched by a later
     # refresh (a rerun of the same day rewrites that day only); the cumulative effect by day since start
     warehouse.write(results, RESULTS_HISTORY, ("as_of", str(as_of)))
-    over_time = estimation.effect_over_time(fd, specs, as_of, clusters=clusters)
+    over_time = estimation.effect_over_time(fd, specs, as_of, n_bootstrap=config.n_bootstrap, clusters=clusters)
     warehouse.write(over_time, EFFECT_OVER_TIME)
     warehouse.write(exposure, "spillover_exposure")
     heterogeneity = {}

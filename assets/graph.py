@@ -17,11 +17,18 @@ from pipelines import graph, inputs
 from pipelines.progress import Progress, spark_progress
 
 
+FDR_DEFAULT = inspect.signature(graph.learn_substitution).parameters["fdr"].default
+
+
 class SnapshotConfig(dg.Config):
-    """`snapshot_date` (YYYY-MM-DD): the day the snapshot is in force from. Default: the day
-    after the last complete sales day (the latest day with at least half the median day's products)."""
+    """Run-level knobs of a graph build (set them in the launchpad). `snapshot_date` (YYYY-MM-DD):
+    the day the snapshot is in force from; default: the day after the last complete sales day (the
+    latest day with at least half the median day's products). `fdr`: the Benjamini-Hochberg false
+    discovery rate of the pair tests; it applies to snapshots built by this run (a snapshot is
+    never rewritten, and records the rate it was built with)."""
 
     snapshot_date: str = ""
+    fdr: float = FDR_DEFAULT
 
 
 def resolve_snapshot_date(config: SnapshotConfig, sales) -> dt.date:
@@ -51,7 +58,7 @@ def short_history_message(sales, snapshot: dt.date) -> str:
             "(pricelab publish), cluster-unit ones wait for a snapshot")
 
 
-def _build_snapshot(context, spark, warehouse, snapshot: dt.date) -> bool:
+def _build_snapshot(context, spark, warehouse, snapshot: dt.date, fdr: float = FDR_DEFAULT) -> bool:
     """Build snapshot `snapshot` unless it exists (snapshots are never rewritten); True when reused."""
     partition = ("snapshot_date", snapshot.isoformat())
     if warehouse.exists("substitution_graph", partition) and warehouse.exists(graph.BLOCKS_TABLE, partition):
@@ -62,7 +69,7 @@ def _build_snapshot(context, spark, warehouse, snapshot: dt.date) -> bool:
     related = inputs.load_related_pairs(spark, warehouse.root)
     context.log.info(f"building the substitution graph for snapshot {snapshot} (365 days of history)")
     with spark_progress(spark, f"substitution graph {snapshot}", context.log.info):
-        learned = graph.learn_substitution(sales, catalog, snapshot, related_pairs=related)
+        learned = graph.learn_substitution(sales, catalog, snapshot, related_pairs=related, fdr=fdr)
     if learned.blocks.empty:  # not one candidate pair with enough days together: nothing to write, ever
         raise dg.Failure(description=short_history_message(sales, snapshot))
     warehouse.write(spark.createDataFrame(learned.blocks), graph.BLOCKS_TABLE, partition)
@@ -84,6 +91,8 @@ def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig
     experiment also gets a snapshot in force at its start: when none is dated on or before it,
     one dated at its start is built (from the 365 days before it)."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
+    if not 0 < config.fdr < 1:
+        raise dg.Failure(f"substitution_graph: config fdr {config.fdr!r} is not a rate strictly between 0 and 1")
     sales = warehouse.read(spark, "sales")
     snapshot = resolve_snapshot_date(config, sales)
     existing = [dt.date.fromisoformat(d) for d in warehouse.partitions("substitution_graph", "snapshot_date")]
@@ -95,7 +104,7 @@ def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig
     days = sorted(set(wanted) | {snapshot})
     progress = Progress("substitution graph", len(days), "snapshot(s)", context.log.info)
     for day in days:
-        built_reused = _build_snapshot(context, spark, warehouse, day)
+        built_reused = _build_snapshot(context, spark, warehouse, day, config.fdr)
         progress.step(f"{day}{' reused' if built_reused else ' built'}")
         if day == snapshot:
             reused = built_reused
@@ -111,6 +120,7 @@ def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig
             **run_metadata(spark, summary.get("edges")),
             "snapshot_date": snapshot.isoformat(),
             "reused_snapshot": reused,
+            "fdr": config.fdr,  # of this run's builds (a reused snapshot keeps the rate it was built with)
             "snapshots_added_for_experiment_starts": dg.MetadataValue.json([d.isoformat() for d in wanted if d != snapshot]),
             **summary,
             **{k: v for k, v in power.items() if k not in ("warnings", "table")},

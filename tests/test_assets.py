@@ -202,3 +202,30 @@ def test_demo_steps_wait_for_the_simulator():
     assert "simulated_sales" in upstream("experiment_sales")
     assert "simulator_truth" in upstream("experiment_report")
     assert "simulated_sales" not in {k.to_user_string() for k in build_definitions(demo=False).resolve_asset_graph().get_all_asset_keys()}
+
+
+def test_run_level_knobs_are_launchpad_config_with_the_library_defaults(tmp_path):
+    """FDR, maximum cluster size and bootstrap draws can be set per run in the launchpad; their
+    defaults are the library's, and a value out of range is refused in one line before any work."""
+    import inspect
+
+    from assets.clustering import MAX_CLUSTER_SIZE
+    from pipelines.clustering import cluster_products
+    from pipelines.graph import learn_substitution
+
+    defs = build_definitions(demo=True)
+
+    def knobs(job: str, op: str) -> dict:
+        ops = defs.resolve_job_def(job).run_config_schema.config_type.fields["ops"].config_type.fields
+        return {name: f.default_value for name, f in ops[op].config_type.fields["config"].config_type.fields.items()}
+
+    assert knobs("build_graph_job", "substitution_graph")["fdr"] == inspect.signature(learn_substitution).parameters["fdr"].default
+    assert knobs("build_graph_job", "product_clusters")["max_cluster_size"] == MAX_CLUSTER_SIZE
+    assert inspect.signature(cluster_products).parameters["max_cluster_size"].default in (MAX_CLUSTER_SIZE, inspect.Parameter.empty)
+    assert knobs("refresh_results_job", "experiment_results")["n_bootstrap"] == HPTEEstimator().n_bootstrap
+    for op, config, message in (("product_clusters", {"max_cluster_size": 1}, "max_cluster_size 1 must be at least 2"),
+                                ("substitution_graph", {"fdr": 1.5}, "fdr 1.5 is not a rate"),
+                                ("experiment_results", {"n_bootstrap": 10}, "n_bootstrap 10 is below 100")):
+        refused = _materialize(tmp_path, [op], run_config={"ops": {op: {"config": config}}})
+        failures = [e.event_specific_data.error.message for e in refused.all_events if e.is_step_failure]
+        assert not refused.success and any(message in f for f in failures), failures

@@ -1146,6 +1146,14 @@ class _EffectEstimator(BaseEstimator):
         check_is_fitted(self, ["effect_", "se_", "df_"])
         return t_interval(self.effect_, self.se_, self.df_, self.alpha if alpha is None else alpha)
 
+    def _interval_from_bootstrap(self, y: np.ndarray, groups: np.ndarray, switchback: bool, n_covariates: int) -> None:
+        """SE from the finite bootstrap draws, the randomisation units' degrees of freedom
+        (`effective_df`) and the Student t interval: the last step of both fits."""
+        self.bootstrap_ = self.bootstrap_[np.isfinite(self.bootstrap_)]
+        self.se_ = float(np.std(self.bootstrap_, ddof=1))
+        self.df_ = effective_df(self.analysed_["unit_id"].astype(str).to_numpy(), y, groups, switchback, n_covariates)
+        self.ci_ = t_interval(self.effect_, self.se_, self.df_, self.alpha)
+
 
 class DiDEstimator(_EffectEstimator):
     """Difference in differences of detrended first differences, regression-adjusted, with a unit bootstrap.
@@ -1234,11 +1242,7 @@ class DiDEstimator(_EffectEstimator):
         raw = fd["first_difference"].to_numpy(float) if refit else y
         self.effect_, self.bootstrap_ = adjusted_effect(units, raw, x, groups, switchback, self.n_bootstrap, rng,
                                                         blocks if blocks.blocks is not None else None)
-        self.bootstrap_ = self.bootstrap_[np.isfinite(self.bootstrap_)]
-        self.se_ = float(np.std(self.bootstrap_, ddof=1))
-        self.df_ = effective_df(self.analysed_["unit_id"].astype(str).to_numpy(), y, groups, switchback, x.shape[1])
-        # Student t on the randomisation units' degrees of freedom (`effective_df`)
-        self.ci_ = t_interval(self.effect_, self.se_, self.df_, self.alpha)
+        self._interval_from_bootstrap(y, groups, switchback, x.shape[1])
         self.n_treated_ = int((groups == "treatment").sum()) if not switchback else len(fd)
         self.n_control_ = int((groups == "control").sum()) if not switchback else len(fd)
         self.n_products_ = int(fd["product_id"].nunique())
@@ -1572,10 +1576,7 @@ class HPTEEstimator(_EffectEstimator):
         if switchback:  # every product is its own control: the leaf average is the mean; balance sequences
             self.effect_, self.bootstrap_ = adjusted_effect(units, raw_y, z, groups, True, self.n_bootstrap, rng,
                                                             blocks if blocks.blocks is not None else None)
-        self.bootstrap_ = self.bootstrap_[np.isfinite(self.bootstrap_)]
-        self.se_ = float(np.std(self.bootstrap_, ddof=1))
-        self.df_ = effective_df(self.analysed_["unit_id"].astype(str).to_numpy(), y, groups, switchback, z.shape[1])
-        self.ci_ = t_interval(self.effect_, self.se_, self.df_, self.alpha)
+        self._interval_from_bootstrap(y, groups, switchback, z.shape[1])
         self._describe(fd, point, leaf_ids, leaf_column, importance, encoded, raw, columns_of, switchback)
         return self
 

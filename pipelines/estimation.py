@@ -364,6 +364,58 @@ def _remove_known_factors(y: np.ndarray, factors: np.ndarray | None, names: list
     return y - factors[:, plausible] @ effect[plausible], [n for n, ok in zip(names, plausible) if ok]
 
 
+def _history_family(n_pre: int, has_pool: bool, settings: CounterfactualSettings) -> str:
+    """The history rule's model family: a year of history fits trend, weekly and yearly shape; a
+    short history borrows its pool's shape, else its own trend (or level) with the weekly shape."""
+    if n_pre >= settings.yearly_min_days:
+        return "trend+weekly+yearly"
+    if has_pool:
+        return "pooled"
+    return "trend+weekly" if n_pre >= settings.own_trend_min_days else "level+weekly"
+
+
+def _backtest_adjusted_pre(y, factors, factor_names, days, in_window, outside, with_yearly, with_trend) -> np.ndarray:
+    """The pre-period with the known factors removed by a fit that leaves out a back-test window's
+    own days (`outside` False), so that window is predicted out of sample as the experiment's is."""
+    fit_days = ~in_window
+    fit_days[np.flatnonzero(~in_window)[~outside]] = False
+    return _remove_known_factors(y, factors, factor_names, days, fit_days, with_yearly, with_trend)[0][~in_window]
+
+
+def _backtest_statistics(candidates, name: str, pre_days, origin, span: int, role_by_offset, backtest_shapes, backtest_pre,
+                         window_shape, switchback: bool) -> np.ndarray:
+    """Candidate `name`'s placebo first difference in each back-test window of the pre-period
+    (the window's length, 1, 2, ... lengths before the experiment), NaN where it cannot predict."""
+    out = np.full(len(backtest_shapes), np.nan)
+    for j in range(1, len(backtest_shapes) + 1):
+        start = origin - j * span
+        fit, target = pre_days < start, (pre_days >= start) & (pre_days < start + span)
+        if not target.any():
+            continue
+        role = role_by_offset[(pre_days[target] - start).astype(np.int64)]
+        candidates.shape, adj_pre_j = backtest_shapes[j - 1], backtest_pre[j - 1]
+        predicted_bt, _ = candidates.predict(name, pre_days[fit], adj_pre_j[fit], pre_days[target], start)
+        candidates.shape = window_shape
+        if predicted_bt is None:
+            continue
+        out[j - 1] = _window_statistic(adj_pre_j[target] - predicted_bt, role, switchback)
+    return out
+
+
+def _with_blend(fd, carry, cumulative, backtest) -> tuple[np.ndarray, np.ndarray]:
+    """Fill the blend candidate in place: the mean of the history rule's and the recent level's
+    predictions (their errors are far from perfectly correlated; every statistic is linear in the
+    prediction). Returns each candidate's first placebo and its mean squared back-test error."""
+    blend, parts = COUNTERFACTUALS.index("blend"), [COUNTERFACTUALS.index(n) for n in BLENDED]
+    fd[blend], carry[blend] = fd[parts].mean(), carry[parts].mean()
+    cumulative[blend] = cumulative[parts].mean(axis=0)
+    backtest[blend] = backtest[parts].mean(axis=0)
+    placebo = backtest[:, 0].copy()
+    finite = np.isfinite(backtest)
+    error = np.where(finite.any(axis=1), np.nansum(np.where(finite, backtest ** 2, 0.0), axis=1) / np.maximum(finite.sum(axis=1), 1), np.nan)
+    return placebo, error
+
+
 def product_first_difference(
     panel: pd.DataFrame, switchback: bool, settings: CounterfactualSettings, pool_coef=None
 ) -> pd.DataFrame:
@@ -377,6 +429,10 @@ def product_first_difference(
     (`candidate_error`); `first_difference` is the history rule's until `choose_counterfactual`
     picks per pool. Returns an empty frame when the product lacks history or (switchback) lacks
     either arm in the window.
+
+    Still long (about 140 lines; the family rule, the back-test fits and statistics and the blend
+    are helpers): the candidate loop shares a dozen per-product arrays with the output row, whose
+    forty fields are the first-differences contract; cutting it further would pass them all around.
     """
     panel = panel.sort_values("date")
     if pool_coef is None and "pool_coef" in panel.columns:
@@ -393,12 +449,7 @@ def product_first_difference(
     treated_all = (panel["arm"] == "treatment").to_numpy() & in_window
     pre_days, pre_y = days[~in_window], y[~in_window]
     window_days = days[used]
-    if n_pre >= settings.yearly_min_days:
-        family = "trend+weekly+yearly"
-    elif pool_coef is not None:
-        family = "pooled"
-    else:
-        family = "trend+weekly" if n_pre >= settings.own_trend_min_days else "level+weekly"
+    family = _history_family(n_pre, pool_coef is not None, settings)
 
     # known factors: effects in units fitted on the pre-period with the product's own trend/seasonality
     factors, factor_names = _known_factor_columns(panel, in_window, settings)
@@ -423,12 +474,8 @@ def product_first_difference(
     for j in range(1, settings.backtest_windows + 1):
         start = origin - j * span
         outside = (pre_days < start) | (pre_days >= start + span)
-        if factors is None:
-            adj_pre_j = adj_pre
-        else:
-            fit_days = ~in_window
-            fit_days[np.flatnonzero(~in_window)[~outside]] = False
-            adj_pre_j = _remove_known_factors(y, factors, factor_names, days, fit_days, with_yearly, with_trend)[0][~in_window]
+        adj_pre_j = adj_pre if factors is None else _backtest_adjusted_pre(
+            y, factors, factor_names, days, in_window, outside, with_yearly, with_trend)
         candidates.seasonal_shape(pre_days[outside], adj_pre_j[outside], origin)
         backtest_shapes.append(candidates.shape)
         backtest_pre.append(adj_pre_j)
@@ -459,27 +506,9 @@ def product_first_difference(
             rule_prediction, rule_trend = predicted, trend
         if switchback:
             carry[k] = _carryover_difference(residual, window_role, known_previous, previous_treated)
-        for j in range(1, settings.backtest_windows + 1):
-            start = origin - j * span
-            fit, target = pre_days < start, (pre_days >= start) & (pre_days < start + span)
-            if not target.any():
-                continue
-            role = role_by_offset[(pre_days[target] - start).astype(np.int64)]
-            candidates.shape, adj_pre_j = backtest_shapes[j - 1], backtest_pre[j - 1]
-            predicted_bt, _ = candidates.predict(name, pre_days[fit], adj_pre_j[fit], pre_days[target], start)
-            candidates.shape = window_shape
-            if predicted_bt is None:
-                continue
-            backtest[k, j - 1] = _window_statistic(adj_pre_j[target] - predicted_bt, role, switchback)
-    # the blend: the mean of the history rule's and the recent level's predictions (their errors
-    # are far from perfectly correlated); every statistic is linear in the prediction
-    blend, parts = COUNTERFACTUALS.index("blend"), [COUNTERFACTUALS.index(n) for n in BLENDED]
-    fd[blend], carry[blend] = fd[parts].mean(), carry[parts].mean()
-    cumulative[blend] = cumulative[parts].mean(axis=0)
-    backtest[blend] = backtest[parts].mean(axis=0)
-    placebo = backtest[:, 0].copy()
-    finite = np.isfinite(backtest)
-    error = np.where(finite.any(axis=1), np.nansum(np.where(finite, backtest ** 2, 0.0), axis=1) / np.maximum(finite.sum(axis=1), 1), np.nan)
+        backtest[k] = _backtest_statistics(candidates, name, pre_days, origin, span, role_by_offset, backtest_shapes,
+                                           backtest_pre, window_shape, switchback)
+    placebo, error = _with_blend(fd, carry, cumulative, backtest)
     if rule_prediction is None or not np.isfinite(fd[0]):
         return _empty_first_difference()
     first_window = panel.loc[used].iloc[0]

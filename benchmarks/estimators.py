@@ -22,7 +22,8 @@ designs, and the share of experiments whose own data flagged it.
 
 Assignments come from a pandas twin of `pipelines.assignment` (the Spark path costs seconds per
 call); before the run the twin is checked row for row against the Spark functions on one world.
-`--timing 10000,100000` times HPTE (B = --bootstrap) on that many products.
+`--timing 10000,100000` times HPTE (B = --bootstrap) on that many products, with --trees trees
+and with the pipeline's default number (`HPTEEstimator().n_estimators`), both cores (n_jobs=-1).
 
     .venv/bin/python benchmarks/estimators.py [--replications 200] [--regime default,weak] [--carryover 0] [--workers 1]
 """
@@ -342,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmarks/estimators.py {params}", flush=True)
     print(f"peers: {', '.join(chosen_peers) or 'none'}", flush=True)
     if args.timing:
+        tree_counts = sorted({args.trees, estimation.HPTEEstimator().n_estimators})  # the benchmark's and the pipeline's
         for n in [int(v) for v in args.timing.split(",") if v]:
-            print(time_hpte(n, args.bootstrap, args.trees), flush=True)
+            for trees in tree_counts:
+                print(time_hpte(n, args.bootstrap, trees), flush=True)
         if args.replications == 0:
             return 0
     regimes = [r.strip() for r in args.regime.split(",") if r.strip()]
@@ -403,8 +406,9 @@ def time_hpte(n_products: int, n_bootstrap: int, n_trees: int) -> str:
     catalog = pd.DataFrame({"product_id": fd["product_id"], "brand_tier": rng.choice(["a", "b", "c"], n_products),
                             "pack_size": rng.integers(1, 13, n_products), "rating": rng.uniform(3, 5, n_products)})
     started = time.time()
-    estimation.HPTEEstimator(n_bootstrap=n_bootstrap, n_estimators=n_trees, random_state=0).fit(fd, catalog)
-    return f"timing: HPTE on {n_products} products, B = {n_bootstrap}, {n_trees} trees: {time.time() - started:.1f} s"
+    model = estimation.HPTEEstimator(n_bootstrap=n_bootstrap, n_estimators=n_trees, random_state=0).fit(fd, catalog)
+    return (f"timing: HPTE on {n_products} products, B = {n_bootstrap}, {n_trees} trees, n_jobs {model.n_jobs}: "
+            f"{time.time() - started:.1f} s")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from joblib import effective_n_jobs
 from scipy import sparse
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
@@ -1397,30 +1399,6 @@ def _membership(rows: np.ndarray, leaf_column: np.ndarray, values: np.ndarray, n
     )
 
 
-def _draw_matrix(n_units: int, n_draws: int, rng: np.random.Generator) -> np.ndarray:
-    """Bootstrap counts: row 0 is the sample itself (all ones), rows 1.. are multinomial draws."""
-    draws = resample_counts(n_units, n_draws, rng)
-    return np.vstack([np.ones((1, n_units)), draws]).astype(float)
-
-
-def _leaf_weighted_sums(s_t, n_t, s_c, n_c, switchback: bool, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sums over the leaves (`axis`) of weight x leaf difference and of weight (see
-    `_leaf_weighted_effect`), computed in place on the given arrays to spare memory."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if switchback:
-            weight = n_t
-            contribution = s_t  # weight * (s_t / n_t)
-            return contribution.sum(axis=axis), weight.sum(axis=axis)
-        valid = (n_t > 0) & (n_c > 0)
-        np.divide(s_t, n_t, out=s_t, where=valid)
-        np.divide(s_c, n_c, out=s_c, where=valid)
-        np.subtract(s_t, s_c, out=s_t)  # leaf difference
-        np.add(n_t, n_c, out=n_t)  # leaf weight
-        np.multiply(n_t, valid, out=n_t)
-        np.multiply(s_t, n_t, out=s_t)  # zero where not valid
-        return s_t.sum(axis=axis), n_t.sum(axis=axis)
-
-
 def _leaf_weighted_effect(s_t, n_t, s_c, n_c, switchback: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per draw (rows) over leaf columns: (effect, leaf differences, leaf weights).
 
@@ -1466,7 +1444,8 @@ class HPTEEstimator(_EffectEstimator):
     - Bootstrap: randomisation units (products, or clusters) are resampled with replacement,
       within arm for between designs, `n_bootstrap` times; the forest's leaves stay fixed and
       each draw recomputes every leaf's difference from sparse unit-by-leaf sums (one matrix
-      product per arm). SE = sd of the draws; 95% interval = basic bootstrap interval.
+      product per arm). SE = sd of the draws; the 95% interval is effect -/+ t x SE with the
+      randomisation units' degrees of freedom (`effective_df`, learned as `df_`), as in DiD.
 
     Learned attributes: effect_, se_, ci_, bootstrap_, n_trimmed_, trimmed_products_,
     n_products_, n_units_, n_leaves_, n_leaves_skipped_, leaf_effects_ (one row per fold, tree
@@ -1493,6 +1472,10 @@ class HPTEEstimator(_EffectEstimator):
         Regression adjustment, as in `DiDEstimator`.
     trim_sd : float or None, default 4.0
         Only values beyond this many robust sd from the arm's median are trimmed.
+    n_jobs : int or None, default -1
+        Threads for growing the forests and for the leaf bootstrap (-1: every core, as econml's
+        forests default to). The figures do not depend on it: each tree has its own seed and
+        each bootstrap chunk its own draws.
 
     Examples
     --------
@@ -1519,7 +1502,9 @@ class HPTEEstimator(_EffectEstimator):
         adjust: bool = True,
         adjust_folds: int = 1,
         trim_sd: float | None = 4.0,
+        n_jobs: int | None = -1,
     ):
+        self.n_jobs = n_jobs
         self.trim_sd = trim_sd
         self.adjust = adjust
         self.adjust_folds = adjust_folds
@@ -1551,7 +1536,7 @@ class HPTEEstimator(_EffectEstimator):
                 inference=False,
                 fit_intercept=not switchback,
                 random_state=self.random_state + fold,
-                n_jobs=1,
+                n_jobs=self.n_jobs,
             )
             grows = grow_on.sum() >= 2 * self.min_samples_leaf and (switchback or len(np.unique(treatment[grow_on])) == 2)
             if grows:
@@ -1649,42 +1634,43 @@ class HPTEEstimator(_EffectEstimator):
         """The leaf-weighted estimate and its bootstrap draws (`effect_`, `bootstrap_`); returns the
         sample's per-leaf sums (s_t, n_t, s_c, n_c, difference, weight) for `_describe`.
 
-        Unit-by-leaf sums and counts per arm (switchback: everything in the 'treated' slot, and no
-        leaf bootstrap: the estimate is the balanced mean `fit` takes, the leaves only describe);
-        between designs with the adjustment re-fitted: also the raw first difference's and every
-        covariate's sums (the leaf-weighted estimate is linear in the outcome for given weights,
-        so the draw's estimate is that of the raw values minus theta_b times the covariates').
-        Long (about 70 lines) because the sums, the draws and the per-draw moments share one pass
-        over the arms and one over blocks of leaf columns; splitting them would repeat both loops."""
+        Per arm: leaf-by-unit counts, the rows' leaf membership and the unit draws (switchback: no
+        leaf bootstrap, the estimate is the balanced mean `fit` takes and the leaves only describe).
+        Between designs with the adjustment re-fitted, the draws also carry the raw first
+        difference and every covariate (the leaf-weighted estimate is linear in the outcome for
+        given weights, so the draw's estimate is that of the raw values minus theta_b times the
+        covariates'), and each arm's weighted moments for theta_b."""
         k = z.shape[1]
         first_arm = np.ones(len(y), bool) if switchback else treated
         n_draws = 0 if switchback else self.n_bootstrap
-        outcomes = [y] if not k else [raw_y, *z.T]
-        sums, draws, moments = [], [], []
+        values = np.column_stack([y] if not k else [raw_y, *z.T])
+        arms, moments = [], []
         for mask in (first_arm, ~first_arm):
             arm_units, unit_row = np.unique(units[mask], return_inverse=True)
-            sums.append((
-                [_membership(unit_row, leaf_column[mask], v[mask], len(arm_units), n_columns).tocsc() for v in outcomes],
-                _membership(unit_row, leaf_column[mask], np.ones(mask.sum()), len(arm_units), n_columns).tocsc(),
-            ))
+            n_rows = int(mask.sum())
             if not len(arm_units) or not n_draws:
-                draws.append(None)
+                draws = None
             elif blocks.blocks is None:  # (units x draws), C order: the draws are the inner, vectorised axis
-                draws.append(np.ascontiguousarray(_draw_matrix(len(arm_units), n_draws, rng)[1:].T))
+                draws = np.ascontiguousarray(resample_counts(len(arm_units), n_draws, rng).T)
             else:
-                draws.append(np.ascontiguousarray(blocks.weights(arm_units, n_draws, rng).T))
-            if k and draws[-1] is not None:  # per draw: the arm's weighted sums for theta_b
+                draws = np.ascontiguousarray(blocks.weights(arm_units, n_draws, rng).T)
+            arms.append(_BootstrapArm(
+                counts=_membership(unit_row, leaf_column[mask], np.ones(n_rows), len(arm_units), n_columns).T.tocsr(),
+                members=_membership(np.arange(n_rows), leaf_column[mask], np.ones(n_rows), n_rows, n_columns),
+                unit_row=unit_row, values=values[mask], draws=draws,
+            ))
+            if k and draws is not None:  # per draw: the arm's weighted sums for theta_b
                 zm, ym = z[mask], raw_y[mask]
-                columns = [np.ones(mask.sum()), ym, *zm.T, *(zm[:, :, None] * zm[:, None, :]).reshape(len(ym), k * k).T, *(zm * ym[:, None]).T]
+                columns = [np.ones(n_rows), ym, *zm.T, *(zm[:, :, None] * zm[:, None, :]).reshape(n_rows, k * k).T, *(zm * ym[:, None]).T]
                 unit_sums = np.column_stack([np.bincount(unit_row, weights=c, minlength=len(arm_units)) for c in columns])
-                moments.append(draws[-1].T @ unit_sums)
+                moments.append(draws.T @ unit_sums)
 
         # the sample itself: per-leaf sums and the point estimate (on the adjusted first differences)
-        (n_t, n_c) = [np.asarray(c.sum(axis=0)).ravel() for _, c in sums]
+        n_t, n_c = [np.bincount(leaf_column[mask].ravel(), minlength=n_columns).astype(float) for mask in (first_arm, ~first_arm)]
         s_t, s_c = [np.bincount(leaf_column[mask].ravel(), weights=np.repeat(y[mask], leaf_column.shape[1]), minlength=n_columns)
                     for mask in (first_arm, ~first_arm)]
         effect, difference, weight = _leaf_weighted_effect(s_t[None], n_t[None], s_c[None], n_c[None], switchback)
-        numerator, denominator = _bootstrap_leaf_sums(sums, draws, len(outcomes), n_columns, n_draws, switchback)
+        numerator, denominator = _bootstrap_leaf_sums(arms, n_draws, effective_n_jobs(self.n_jobs))
         numerator = _minus_adjustment(numerator, moments, k, n_draws) if k and len(moments) == 2 else numerator[0]
         with np.errstate(invalid="ignore", divide="ignore"):
             estimates = np.concatenate([effect, numerator / denominator])
@@ -1727,27 +1713,56 @@ class HPTEEstimator(_EffectEstimator):
         self.switchback_ = switchback
 
 
-def _bootstrap_leaf_sums(sums, draws, n_outcomes: int, n_columns: int, n_draws: int, switchback: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per outcome and draw, the leaf-weighted sum (numerator) and per draw the total weight, a
-    block of leaf columns at a time (leaves of different trees are disjoint, so the leaf-weighted
-    sums add up over blocks): one sparse (leaves x units) by dense (units x draws) product per arm
-    and quantity, all draws at once."""
+@dataclass(frozen=True)
+class _BootstrapArm:
+    """One arm's inputs to the leaf bootstrap: (leaves x units) counts, (rows x leaves) membership
+    (a row's leaves, one per tree), each row's unit, the rows' outcomes (rows x outcomes) and the
+    units' bootstrap weights (units x draws; None when the arm is empty or there are no draws)."""
+
+    counts: sparse.csr_matrix
+    members: sparse.csr_matrix
+    unit_row: np.ndarray
+    values: np.ndarray
+    draws: np.ndarray | None
+
+
+def _bootstrap_leaf_sums(arms: list[_BootstrapArm], n_draws: int, n_jobs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per outcome and draw, the leaf-weighted sum of treated minus control leaf means (numerator),
+    and per draw the total leaf weight (denominator), for between designs.
+
+    A draw's numerator is sum over leaves of w (S_t / N_t - S_c / N_c), w = N_t + N_c where both
+    arms are present. It is linear in the rows' outcomes, so it is computed as sum over rows of
+    outcome x unit weight x (the sum over the row's trees of w / N of its leaf): one sparse
+    product per arm for the leaf counts, one to bring the leaf factors back to the rows, then a
+    dense product with every outcome at once. Draws go in chunks (memory: leaves x chunk), on
+    `n_jobs` threads (scipy's sparse products release the GIL); each chunk fills its own columns,
+    so the figures do not depend on the number of threads."""
+    n_outcomes = arms[0].values.shape[1]
     numerator, denominator = np.zeros((n_outcomes, n_draws)), np.zeros(n_draws)
-    block = max(1, int(8e6 // max(n_draws * n_outcomes, 1)))
-    for first in range(0, n_columns if n_draws else 0, block):
-        columns = slice(first, min(first + block, n_columns))
-        counts = []
-        for (_, c), d in zip(sums, draws):
-            counts.append(np.zeros((columns.stop - columns.start, n_draws)) if d is None else np.asarray(c[:, columns].T @ d))
-        for j in range(n_outcomes):
-            parts = []
-            for (m, _), d, count in zip(sums, draws, counts):
-                total = np.zeros_like(count) if d is None else np.asarray(m[j][:, columns].T @ d)
-                parts += [total, count.copy()]
-            part_numerator, part_denominator = _leaf_weighted_sums(*parts, switchback, axis=0)
-            numerator[j] += part_numerator
-            if j == 0:
-                denominator += part_denominator
+    if not n_draws or any(arm.draws is None for arm in arms):
+        return numerator, denominator
+    treated, control = arms
+    width = int(np.clip(8e6 // max(treated.counts.shape[0], 1), 1, n_draws))
+
+    def chunk(first: int) -> None:
+        columns = slice(first, min(first + width, n_draws))
+        n_t, n_c = treated.counts @ treated.draws[:, columns], control.counts @ control.draws[:, columns]
+        valid = (n_t > 0) & (n_c > 0)
+        weight = np.where(valid, n_t + n_c, 0.0)
+        denominator[columns] = weight.sum(axis=0)
+        for arm, n, sign in ((treated, n_t, 1.0), (control, n_c, -1.0)):
+            factor = np.divide(weight, n, out=np.zeros_like(weight), where=valid)
+            per_row = arm.members @ factor
+            per_row *= arm.draws[arm.unit_row, columns]
+            numerator[:, columns] += sign * (arm.values.T @ per_row)
+
+    starts = range(0, n_draws, width)
+    if n_jobs > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(min(n_jobs, len(starts))) as pool:
+            list(pool.map(chunk, starts))
+    else:
+        for first in starts:
+            chunk(first)
     return numerator, denominator
 
 

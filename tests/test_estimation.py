@@ -189,6 +189,50 @@ def test_hpte_does_not_depend_on_row_order():
     assert (did[0].effect_, did[0].se_) == (did[1].effect_, did[1].se_)
 
 
+def test_hpte_figures_do_not_depend_on_its_threads():
+    """Forests and bootstrap chunks run on `n_jobs` threads; every figure is the same bit for bit."""
+    fd, catalog = _between_fd(6, n_products=200, n_clusters=50)
+    fits = [estimation.HPTEEstimator(n_bootstrap=120, n_estimators=12, random_state=1, n_jobs=n).fit(fd, catalog)
+            for n in (1, 2)]
+    assert np.array_equal(fits[0].bootstrap_, fits[1].bootstrap_)
+    assert (fits[0].effect_, fits[0].se_) == (fits[1].effect_, fits[1].se_)
+    assert fits[0].product_effects_.equals(fits[1].product_effects_)
+
+
+def test_leaf_bootstrap_equals_recomputing_every_draw():
+    """The leaf bootstrap's per-row shortcut gives each draw's leaf-weighted effect as computed
+    from scratch (per-leaf sums of the resampled units), including leaves one arm leaves empty."""
+    rng = np.random.default_rng(0)
+    n_rows, n_trees, n_draws, n_columns = 60, 3, 7, 15
+    leaf_column = np.column_stack([t * 5 + rng.integers(0, 5, n_rows) for t in range(n_trees)])
+    treated = rng.random(n_rows) < 0.5
+    units = np.array([f"u{i // 2}" for i in range(n_rows)])  # two rows per unit, like a cluster
+    values = rng.normal(size=(n_rows, 2))
+    arms, draws = [], []
+    for mask in (treated, ~treated):
+        arm_units, unit_row = np.unique(units[mask], return_inverse=True)
+        d = rng.integers(0, 3, size=(len(arm_units), n_draws)).astype(float)
+        draws.append((unit_row, d))
+        arms.append(estimation._BootstrapArm(
+            counts=estimation._membership(unit_row, leaf_column[mask], np.ones(mask.sum()), len(arm_units), n_columns).T.tocsr(),
+            members=estimation._membership(np.arange(mask.sum()), leaf_column[mask], np.ones(mask.sum()), mask.sum(), n_columns),
+            unit_row=unit_row, values=values[mask], draws=d))
+    for n_jobs in (1, 2):
+        numerator, denominator = estimation._bootstrap_leaf_sums(arms, n_draws, n_jobs)
+        for b in range(n_draws):
+            sums = []
+            for mask, (unit_row, d) in zip((treated, ~treated), draws):
+                w = np.repeat(d[unit_row, b], n_trees)
+                leaves = leaf_column[mask].ravel()
+                sums.append([np.bincount(leaves, weights=w * np.repeat(values[mask, j], n_trees), minlength=n_columns)
+                             for j in range(2)] + [np.bincount(leaves, weights=w, minlength=n_columns)])
+            for j in range(2):
+                effect, _, weight = estimation._leaf_weighted_effect(sums[0][j][None], sums[0][2][None], sums[1][j][None],
+                                                                     sums[1][2][None], False)
+                assert np.isclose(numerator[j, b] / denominator[b], effect[0], rtol=1e-12, atol=1e-12)
+                assert np.isclose(denominator[b], weight.sum())
+
+
 def test_hpte_bootstrap_resamples_clusters():
     """With a shared cluster shock, the cluster bootstrap SE matches the spread across replications."""
     estimates, ses, covered = [], [], 0

@@ -297,26 +297,9 @@ def q_value_selection(lfdr: np.ndarray, fdr: float) -> np.ndarray:
     return chosen
 
 
-def block_pair_statistics(
-    panel: pd.DataFrame,
-    pairs: pd.DataFrame | None,
-    window_start: date,
-    window_days: int,
-    min_overlap: int,
-    autocorrelation_lags: int = 14,
-    fdr: float = 0.05,
-) -> pd.DataFrame:
-    """One block's pair statistics (PAIR_STATS_SCHEMA) from its panel rows.
-
-    panel: block, product_id, day (0..window_days-1), price, units (the demand series: units or
-    views). pairs: src, dst (src < dst)
-    to keep, or None for every pair of the block. Pairs with overlap < min_overlap are dropped.
-    p-values use the effective overlap n / inflation (see `_variance_inflation`).
-    """
-    columns = [f.name for f in PAIR_STATS_SCHEMA.fields]
-    if panel.empty or (pairs is not None and pairs.empty):
-        return _empty_pair_stats()
-    block = panel["block"].iloc[0]
+def _block_series(panel: pd.DataFrame, window_start: date, window_days: int) -> tuple[pd.Index, np.ndarray, np.ndarray, np.ndarray]:
+    """A block's (days x products) detrended log prices and demand, net of the own price, and
+    which days each product was observed (products sorted); a duplicate or impossible row is refused."""
     duplicated = panel.duplicated(["product_id", "day"])
     if duplicated.any():
         row = panel[duplicated].iloc[0]
@@ -344,6 +327,30 @@ def block_pair_statistics(
 
     price = _detrended(log_price, observed, weekday)
     demand = _without_own_price(_detrended(log_demand, observed, weekday), price, observed)
+    return products, price, demand, observed
+
+
+def block_pair_statistics(
+    panel: pd.DataFrame,
+    pairs: pd.DataFrame | None,
+    window_start: date,
+    window_days: int,
+    min_overlap: int,
+    autocorrelation_lags: int = 14,
+    fdr: float = 0.05,
+) -> pd.DataFrame:
+    """One block's pair statistics (PAIR_STATS_SCHEMA) from its panel rows.
+
+    panel: block, product_id, day (0..window_days-1), price, units (the demand series: units or
+    views). pairs: src, dst (src < dst)
+    to keep, or None for every pair of the block. Pairs with overlap < min_overlap are dropped.
+    p-values use the effective overlap n / inflation (see `_variance_inflation`).
+    """
+    columns = [f.name for f in PAIR_STATS_SCHEMA.fields]
+    if panel.empty or (pairs is not None and pairs.empty):
+        return _empty_pair_stats()
+    block = panel["block"].iloc[0]
+    products, price, demand, observed = _block_series(panel, window_start, window_days)
     corr, overlap = _masked_cross_correlation(price, demand, observed)
     inflation = _variance_inflation(price, demand, observed, autocorrelation_lags)
 

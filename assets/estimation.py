@@ -209,6 +209,70 @@ class EstimationConfig(dg.Config):
     n_bootstrap: int = estimation.HPTEEstimator().n_bootstrap
 
 
+def _estimate_each(context, fd, specs, catalog, as_of, n_bootstrap: int, clusters) -> tuple[pd.DataFrame, dict, dict]:
+    """Every experiment's estimates, one at a time (each fit is independent, same random_state: the
+    same numbers as all at once), so the run log says how far it is and how long is left; returns
+    (results, problems by experiment, fitted models)."""
+    models: dict = {}
+    progress = Progress("experiment_results", len(specs), "experiment(s)", context.log.info)
+    parts, problems = [], {}
+    for i in range(len(specs)):
+        part, part_problems = estimation.estimate_experiments(fd, specs.iloc[[i]], as_of, n_bootstrap=n_bootstrap, features=catalog,
+                                                              models=models, clusters=clusters)
+        parts.append(part)
+        problems.update(part_problems)
+        progress.step(str(specs["name"].iloc[i]))
+    filled = [p for p in parts if not p.empty]
+    results = pd.concat(filled, ignore_index=True) if filled else pd.DataFrame(columns=estimation.RESULT_COLUMNS)
+    for name, why in problems.items():
+        context.log.warning(f"experiment '{name}' not estimated: {why}")
+    return results, problems, models
+
+
+def _results_metadata(results: pd.DataFrame, models: dict, problems: dict, spillover_notes: dict, as_of, history: list) -> dict:
+    """What the UI shows on experiment_results: every estimate in one line, HPTE's heterogeneity,
+    precision and carryover, spillover notes and the estimator settings behind every figure."""
+    heterogeneity = {}
+    for key, model in sorted(models.items()):
+        if len(key) != 2 or key[1] != "hpte":  # heterogeneity of the primary metric
+            continue
+        name = key[0]
+        top = model.heterogeneity_.head(12)
+        heterogeneity[name] = (
+            f"**{name}**: {model.n_trimmed_} trimmed, {model.n_leaves_skipped_} of {model.n_leaves_} leaves "
+            f"skipped (one arm only)\n\n" + top.to_markdown(index=False, floatfmt=".3f")
+        )
+    return {
+        "as_of": str(as_of),
+        "estimated": len(results),
+        "history": dg.MetadataValue.json(history),
+        "not_estimated": dg.MetadataValue.json(problems),
+        "results": dg.MetadataValue.md(
+            "\n".join(
+                f"- **{r.experiment}** {r.metric} ({r.estimator}): {r.effect:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
+                f"relative {r.relative_effect:+.1%} [{r.ci_low_rel:+.1%}, {r.ci_high_rel:+.1%}], Holm p {r.p_holm:.3f}"
+                + (f", guardrail {r.guardrail_status}" if r.guardrail_status else "")
+                for r in results.itertuples()
+            )
+        ),
+        "heterogeneity": dg.MetadataValue.md("\n\n".join(heterogeneity.values()) or "no HPTE fit"),
+        "precision": dg.MetadataValue.md(
+            "\n".join(
+                f"- **{r.experiment}** {r.metric} ({r.estimator}): counterfactual {r.counterfactual}; regression adjustment "
+                f"removed {r.variance_reduction:.0%} of the variance"
+                + (f"; carryover {r.carryover_estimate:+.3f} (SE {r.carryover_se:.3f}){' FLAGGED' if r.carryover_flag else ''}"
+                   if pd.notna(r.carryover_estimate) else "")
+                for r in results.itertuples()
+            )
+        ),
+        "spillover": dg.MetadataValue.json(spillover_notes),
+        # every figure traced to the estimator settings that produced it (scikit-learn get_params)
+        "estimator_settings": dg.MetadataValue.json(
+            {f"{key[0]}/{key[1]}": model.get_params() for key, model in sorted(models.items()) if len(key) == 2}
+        ),
+    }
+
+
 RESULTS_READS = ["first_differences", "experiments", "experiment_sales", "catalog", "substitution_graph", "product_clusters",
                  "daily_assignments", "enrolments"]
 
@@ -237,22 +301,8 @@ def experiment_results(context: dg.AssetExecutionContext, config: EstimationConf
     specs = warehouse.read(spark, "experiments").toPandas()
     catalog = warehouse.read(spark, "catalog").toPandas()
     as_of = warehouse.read(spark, "experiment_sales").agg(F.max("date")).first()[0]
-    models: dict = {}
     clusters = _clusters_in_force(context, specs)
-    # one experiment at a time (each fit is independent, same random_state: the same numbers as
-    # all at once), so the run log says how far it is and how long is left
-    progress = Progress("experiment_results", len(specs), "experiment(s)", context.log.info)
-    parts, problems = [], {}
-    for i in range(len(specs)):
-        part, part_problems = estimation.estimate_experiments(fd, specs.iloc[[i]], as_of, n_bootstrap=config.n_bootstrap, features=catalog,
-                                                              models=models, clusters=clusters)
-        parts.append(part)
-        problems.update(part_problems)
-        progress.step(str(specs["name"].iloc[i]))
-    filled = [p for p in parts if not p.empty]
-    results = pd.concat(filled, ignore_index=True) if filled else pd.DataFrame(columns=estimation.RESULT_COLUMNS)
-    for name, why in problems.items():
-        context.log.warning(f"experiment '{name}' not estimated: {why}")
+    results, problems, models = _estimate_each(context, fd, specs, catalog, as_of, config.n_bootstrap, clusters)
     results, exposure, spillover_notes = _with_spillover(context, results, fd, specs)
     warehouse.write(results, "experiment_results")
     # history (issue 16): every refresh's results under its as_of day, never touched by a later
@@ -261,49 +311,11 @@ def experiment_results(context: dg.AssetExecutionContext, config: EstimationConf
     over_time = estimation.effect_over_time(fd, specs, as_of, n_bootstrap=config.n_bootstrap, clusters=clusters)
     warehouse.write(over_time, EFFECT_OVER_TIME)
     warehouse.write(exposure, "spillover_exposure")
-    heterogeneity = {}
-    for key, model in sorted(models.items()):
-        if len(key) != 2 or key[1] != "hpte":  # heterogeneity of the primary metric
-            continue
-        name = key[0]
-        top = model.heterogeneity_.head(12)
-        heterogeneity[name] = (
-            f"**{name}**: {model.n_trimmed_} trimmed, {model.n_leaves_skipped_} of {model.n_leaves_} leaves "
-            f"skipped (one arm only)\n\n" + top.to_markdown(index=False, floatfmt=".3f")
-        )
     yield dg.MaterializeResult(asset_key=RESULTS_HISTORY, metadata={"as_of": str(as_of), "rows": len(results)})
     yield dg.MaterializeResult(asset_key=EFFECT_OVER_TIME, metadata={"rows": len(over_time)})
     yield dg.MaterializeResult(asset_key="spillover_exposure", metadata={"rows": len(exposure)})
     yield dg.MaterializeResult(
         asset_key="experiment_results",
-        metadata={
-            "as_of": str(as_of),
-            "estimated": len(results),
-            "history": dg.MetadataValue.json(warehouse.partitions(RESULTS_HISTORY, "as_of")),
-            "not_estimated": dg.MetadataValue.json(problems),
-            "results": dg.MetadataValue.md(
-                "\n".join(
-                    f"- **{r.experiment}** {r.metric} ({r.estimator}): {r.effect:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
-                    f"relative {r.relative_effect:+.1%} [{r.ci_low_rel:+.1%}, {r.ci_high_rel:+.1%}], Holm p {r.p_holm:.3f}"
-                    + (f", guardrail {r.guardrail_status}" if r.guardrail_status else "")
-                    for r in results.itertuples()
-                )
-            ),
-            "heterogeneity": dg.MetadataValue.md("\n\n".join(heterogeneity.values()) or "no HPTE fit"),
-            "precision": dg.MetadataValue.md(
-                "\n".join(
-                    f"- **{r.experiment}** {r.metric} ({r.estimator}): counterfactual {r.counterfactual}; regression adjustment "
-                    f"removed {r.variance_reduction:.0%} of the variance"
-                    + (f"; carryover {r.carryover_estimate:+.3f} (SE {r.carryover_se:.3f}){' FLAGGED' if r.carryover_flag else ''}"
-                       if pd.notna(r.carryover_estimate) else "")
-                    for r in results.itertuples()
-                )
-            ),
-            "spillover": dg.MetadataValue.json(spillover_notes),
-            # every figure traced to the estimator settings that produced it (scikit-learn get_params)
-            "estimator_settings": dg.MetadataValue.json(
-                {f"{key[0]}/{key[1]}": model.get_params() for key, model in sorted(models.items()) if len(key) == 2}
-            ),
-            **run_metadata(spark, len(results)),
-        }
+        metadata={**_results_metadata(results, models, problems, spillover_notes, as_of, warehouse.partitions(RESULTS_HISTORY, "as_of")),
+                  **run_metadata(spark, len(results))},
     )

@@ -331,27 +331,10 @@ def _dates_as_objects(origin: date, offsets: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def simulate_market(config: MarketConfig = MarketConfig()) -> MarketWorld:
-    """Draw a market (catalogue, demand parameters, true substitution graph) from `config`."""
-    cfg = config
-    n, n_sub, n_cat = cfg.n_products, cfg.n_subclasses, len(cfg.categories)
-
-    def rng(part: int) -> np.random.Generator:
-        return np.random.default_rng([cfg.seed, _WORLD_DAY, part])
-
-    # Subclasses spread evenly over categories; products spread evenly over subclasses.
-    sub_category = np.arange(n_sub) % n_cat
-    sub_names = np.array(
-        [f"{cfg.categories[c]}-{k + 1:02d}" for c, k in zip(sub_category, np.arange(n_sub) // n_cat)],
-        dtype=object,
-    )
-    r = rng(1)
-    sub_idx = r.permutation(np.arange(n) % n_sub)
-    cat_idx = sub_category[sub_idx]
-    width = max(5, len(str(n)))
-    product_id = np.array([f"P{i:0{width}d}" for i in range(1, n + 1)], dtype=object)
-
-    r = rng(2)
+def _catalogue(cfg: MarketConfig, r: np.random.Generator, sub_idx: np.ndarray, sub_names: np.ndarray,
+               cat_idx: np.ndarray, product_id: np.ndarray) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The catalogue's attributes (stream 2): (catalog, tier, pack_size, rating, private_label)."""
+    n = cfg.n_products
     tier = r.choice(3, size=n, p=[0.3, 0.5, 0.2])
     pack_size = r.integers(1, 13, size=n)
     rating = np.round(r.uniform(3.0, 5.0, size=n), 1)
@@ -367,8 +350,14 @@ def simulate_market(config: MarketConfig = MarketConfig()) -> MarketWorld:
             "is_private_label": private_label,
         }
     )
+    return catalog, tier, pack_size, rating, private_label
 
-    r = rng(3)
+
+def _demand_parameters(cfg: MarketConfig, r: np.random.Generator, sub_idx: np.ndarray, tier, pack_size, rating,
+                       private_label) -> dict[str, np.ndarray]:
+    """Each product's price, demand level and elasticity, trend, seasonality, promotions and
+    conversion (stream 3)."""
+    n, n_sub = cfg.n_products, cfg.n_subclasses
     sub_log_price = r.normal(math.log(cfg.base_price_median), cfg.base_price_subclass_sd, n_sub)
     tier_scale = np.array([0.75, 1.0, 1.5])[tier] * np.where(private_label, 0.85, 1.0)
     base_price = np.maximum(
@@ -382,21 +371,37 @@ def simulate_market(config: MarketConfig = MarketConfig()) -> MarketWorld:
         + r.normal(0.0, cfg.elasticity_noise_sd, n),
         *cfg.elasticity_bounds,
     )
-    trend = r.normal(0.0, cfg.trend_sd, n)
-    yearly_amplitude = r.uniform(0.0, cfg.yearly_amplitude_max, n)
-    promos_per_year = r.uniform(*cfg.promos_per_year_range, n)
-    conversion_rate = r.uniform(0.04, 0.12, n)
+    return {
+        "base_price": base_price,
+        "baseline_units": baseline_units,
+        "elasticity": elasticity,
+        "trend": r.normal(0.0, cfg.trend_sd, n),
+        "yearly_amplitude": r.uniform(0.0, cfg.yearly_amplitude_max, n),
+        "promos_per_year": r.uniform(*cfg.promos_per_year_range, n),
+        "conversion_rate": r.uniform(0.04, 0.12, n),
+    }
 
-    r = rng(4)
+
+def _breaks(cfg: MarketConfig, r: np.random.Generator) -> dict[str, np.ndarray]:
+    """Level shifts and late entries (stream 4): shifts start anywhere in the history or the two
+    months after it (the experiment period)."""
+    n = cfg.n_products
     shifted = r.random(n) < cfg.level_shift_share
     level_shift = np.where(shifted, np.where(r.random(n) < 0.5, -1.0, 1.0) * cfg.level_shift_log, 0.0)
-    # shifts start anywhere in the history or the two months after it (the experiment period)
     level_shift_offset = r.integers(0, cfg.history_days + 60, n)
     late = r.random(n) < cfg.late_entry_share
     lo = cfg.history_days // 10
     entry_offset = np.where(late, r.integers(lo, max(lo + 1, cfg.history_days * 9 // 10), n), 0)
+    return {
+        "level_shift": level_shift,
+        "level_shift_start": _dates_as_objects(cfg.history_start, level_shift_offset),
+        "entry_date": _dates_as_objects(cfg.history_start, entry_offset),
+    }
 
-    r = rng(5)
+
+def _seasonal_profiles(cfg: MarketConfig, r: np.random.Generator, sub_names: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The subclasses' weekly profiles and the categories' yearly phases (stream 5)."""
+    n_sub, n_cat = cfg.n_subclasses, len(cfg.categories)
     weekend = np.array([0, 0, 0, 0, 0, 1, 1], dtype=float)
     amplitude = cfg.weekly_amplitude * r.uniform(0.7, 1.3, (n_sub, 1))
     weekly = amplitude * (weekend - weekend.mean()) + r.normal(0.0, 0.02, (n_sub, 7))
@@ -411,35 +416,49 @@ def simulate_market(config: MarketConfig = MarketConfig()) -> MarketWorld:
     category_phase = pd.DataFrame(
         {"category": np.array(cfg.categories, dtype=object), "yearly_phase": r.uniform(0, 2 * np.pi, n_cat)}
     )
+    return weekly_profile, category_phase
+
+
+def simulate_market(config: MarketConfig = MarketConfig()) -> MarketWorld:
+    """Draw a market (catalogue, demand parameters, true substitution graph) from `config`.
+
+    Every part draws from its own random stream ([seed, world day, part]), so adding a draw to
+    one part leaves every other part as it was."""
+    cfg = config
+    n, n_sub, n_cat = cfg.n_products, cfg.n_subclasses, len(cfg.categories)
+
+    def rng(part: int) -> np.random.Generator:
+        return np.random.default_rng([cfg.seed, _WORLD_DAY, part])
+
+    # Subclasses spread evenly over categories; products spread evenly over subclasses.
+    sub_category = np.arange(n_sub) % n_cat
+    sub_names = np.array(
+        [f"{cfg.categories[c]}-{k + 1:02d}" for c, k in zip(sub_category, np.arange(n_sub) // n_cat)],
+        dtype=object,
+    )
+    sub_idx = rng(1).permutation(np.arange(n) % n_sub)
+    cat_idx = sub_category[sub_idx]
+    width = max(5, len(str(n)))
+    product_id = np.array([f"P{i:0{width}d}" for i in range(1, n + 1)], dtype=object)
+
+    catalog, tier, pack_size, rating, private_label = _catalogue(cfg, rng(2), sub_idx, sub_names, cat_idx, product_id)
+    demand = _demand_parameters(cfg, rng(3), sub_idx, tier, pack_size, rating, private_label)
+    breaks = _breaks(cfg, rng(4))
+    weekly_profile, category_phase = _seasonal_profiles(cfg, rng(5), sub_names)
 
     group, src, dst, cross = _true_substitution_graph(rng(6), sub_idx, n_sub, cfg)
     if cfg.cross_elasticity_cap is not None and len(cross):
         total = np.bincount(src, weights=cross, minlength=n) + np.bincount(dst, weights=cross, minlength=n)
-        budget = cfg.cross_elasticity_cap * np.abs(elasticity)
+        budget = cfg.cross_elasticity_cap * np.abs(demand["elasticity"])
         factor = np.where(total > budget, budget / np.where(total > 0, total, 1.0), 1.0)
         cross = cross * np.minimum(factor[src], factor[dst])
-    products = pd.DataFrame(
-        {
-            "product_id": product_id,
-            "base_price": base_price,
-            "baseline_units": baseline_units,
-            "elasticity": elasticity,
-            "trend": trend,
-            "yearly_amplitude": yearly_amplitude,
-            "promos_per_year": promos_per_year,
-            "conversion_rate": conversion_rate,
-            "level_shift": level_shift,
-            "level_shift_start": _dates_as_objects(cfg.history_start, level_shift_offset),
-            "entry_date": _dates_as_objects(cfg.history_start, entry_offset),
-            "true_group": group.astype(np.int64),
-        }
-    )
+    products = pd.DataFrame({"product_id": product_id, **demand, **breaks, "true_group": group.astype(np.int64)})
     true_edges = pd.DataFrame(
         {"src": product_id[src], "dst": product_id[dst], "cross_elasticity": cross}
     )
     # unit costs (issue 16: profit truth), from their own stream so every other draw stays as it was
     margin = rng(8).uniform(*cfg.margin_range, n)
-    products["unit_cost"] = np.round(base_price * (1.0 - margin), 2)
+    products["unit_cost"] = np.round(demand["base_price"] * (1.0 - margin), 2)
     return MarketWorld(cfg, catalog, products, weekly_profile, category_phase, true_edges)
 
 
@@ -846,6 +865,48 @@ def unit_costs(world: MarketWorld) -> pd.DataFrame:
 TRUTH_METRICS = ("units", "revenue", "profit")
 
 
+def _treatment_price_changes(a: pd.DataFrame) -> tuple[list[str], dict[str, float]]:
+    """The experiments (sorted) and each one's single treatment price change; several values or
+    no treatment rows are refused."""
+    price_change = {}
+    for name, rows in a[a["arm"] == "treatment"].groupby("experiment"):
+        values = rows["price_change"].unique()
+        if len(values) != 1:
+            raise ValueError(
+                f"true_effects: experiment {name!r} has several treatment price_change values "
+                f"{sorted(values)[:5]}; one per experiment is expected"
+            )
+        price_change[name] = float(values[0])
+    experiments = sorted(a["experiment"].unique())
+    no_treatment = [e for e in experiments if e not in price_change]
+    if no_treatment:
+        raise ValueError(f"true_effects: experiment(s) {no_treatment} have no treatment rows")
+    return experiments, price_change
+
+
+def _truth_rows(totals: dict, counts: dict, experiments: list[str], metrics) -> list[dict]:
+    """One row per experiment and metric from the summed truths (direct, global, control
+    baseline, spillover, controls, global baseline) over the analysed product-days."""
+    out = []
+    for name in experiments:
+        for metric in metrics:
+            direct, global_, control, spill, n_control, untreated = totals[(name, metric)]
+            m = counts[name]
+            out.append(
+                {
+                    "experiment": name,
+                    "metric": metric,
+                    "true_direct_effect": direct / m if m else np.nan,
+                    "true_global_effect": global_ / m if m else np.nan,
+                    "true_spillover_effect": spill / n_control if n_control else np.nan,
+                    "true_relative_effect": direct / control if m else np.nan,
+                    "n_product_days": int(m),
+                    "true_global_relative_effect": global_ / untreated if m else np.nan,
+                }
+            )
+    return out
+
+
 def true_effects(world: MarketWorld, assignments: pd.DataFrame, metrics=("units",)) -> pd.DataFrame:
     """The exact effects per experiment and metric (definitions in the module docstring).
 
@@ -865,19 +926,7 @@ def true_effects(world: MarketWorld, assignments: pd.DataFrame, metrics=("units"
                "true_spillover_effect", "true_relative_effect", "n_product_days", "true_global_relative_effect"]
     if a.empty:
         return pd.DataFrame({c: [] for c in columns})
-    price_change = {}
-    for name, rows in a[a["arm"] == "treatment"].groupby("experiment"):
-        values = rows["price_change"].unique()
-        if len(values) != 1:
-            raise ValueError(
-                f"true_effects: experiment {name!r} has several treatment price_change values "
-                f"{sorted(values)[:5]}; one per experiment is expected"
-            )
-        price_change[name] = float(values[0])
-    experiments = sorted(a["experiment"].unique())
-    no_treatment = [e for e in experiments if e not in price_change]
-    if no_treatment:
-        raise ValueError(f"true_effects: experiment(s) {no_treatment} have no treatment rows")
+    experiments, price_change = _treatment_price_changes(a)
 
     n = len(world.catalog)
     e_own = world._arrays.elasticity
@@ -930,24 +979,7 @@ def true_effects(world: MarketWorld, assignments: pd.DataFrame, metrics=("units"
                     (v0 * base * np.exp(cross_none)).sum(),
                 ]
             counts[name] += len(idx)
-    out = []
-    for name in experiments:
-        for metric in metrics:
-            direct, global_, control, spill, n_control, untreated = totals[(name, metric)]
-            m = counts[name]
-            out.append(
-                {
-                    "experiment": name,
-                    "metric": metric,
-                    "true_direct_effect": direct / m if m else np.nan,
-                    "true_global_effect": global_ / m if m else np.nan,
-                    "true_spillover_effect": spill / n_control if n_control else np.nan,
-                    "true_relative_effect": direct / control if m else np.nan,
-                    "n_product_days": int(m),
-                    "true_global_relative_effect": global_ / untreated if m else np.nan,
-                }
-            )
-    return pd.DataFrame(out, columns=columns)
+    return pd.DataFrame(_truth_rows(totals, counts, experiments, metrics), columns=columns)
 
 
 # --------------------------------------------------------------------------------------------

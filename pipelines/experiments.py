@@ -584,6 +584,90 @@ def _file_name(source: str) -> str:
     return Path(source).name
 
 
+def _claim_names(parsed: list[ExperimentSpec], owner_file: dict[str, str], refused: list, file_errors: dict) -> dict[str, ExperimentSpec]:
+    """Names: a running name belongs to its enrolling file for good; another name to its first
+    file. Returns the spec that holds each name; the others are refused (appended to `refused`,
+    and by file to `file_errors`)."""
+    claimed: dict[str, ExperimentSpec] = {}
+    for spec in parsed:
+        name, file = spec.name, _file_name(spec.source)
+        if name in owner_file and file != owner_file[name]:
+            error = ExperimentFileError(
+                spec.source, "name",
+                f"'{name}' belongs to running experiment file {owner_file[name]} (it has an enrolment); "
+                "a running name stays with its file for good: give this experiment another name",
+            )
+        elif name in claimed:
+            error = ExperimentFileError(spec.source, "name", f"'{name}' is already used by {claimed[name].source}")
+        else:
+            claimed[name] = spec
+            continue
+        refused.append(error)
+        file_errors.setdefault(file, error)
+    return claimed
+
+
+def _running_first(running: dict[str, ExperimentSpec], claimed: dict[str, ExperimentSpec], owner_file: dict[str, str],
+                   catalog: pd.DataFrame, present: set, refused: list, file_errors: dict) -> tuple[list, list[str]]:
+    """Running experiments are accepted first: their file's current spec when it passes, else
+    their last valid one, with a warning saying why (`kept`). Takes them out of `claimed`;
+    returns (accepted (spec, products) pairs, kept warnings)."""
+    accepted: list[tuple[ExperimentSpec, pd.Index]] = []
+    kept: list[str] = []
+
+    def products_of(spec: ExperimentSpec) -> pd.Index:
+        try:
+            return population_products(spec, catalog)
+        except ExperimentFileError:  # a kept spec whose names left the catalogue: its enrolment is frozen anyway
+            return pd.Index([], name="product_id")
+
+    for name in sorted(running):
+        last = running[name]
+        current = claimed.pop(name, None)
+        if current is not None:
+            try:
+                accepted.append((current, population_products(current, catalog)))
+                continue
+            except ExperimentFileError as error:
+                refused.append(error)
+                file_errors.setdefault(owner_file[name], error)
+        file = owner_file[name]
+        if file in file_errors:
+            why = f"{file} is refused ({file_errors[file].reason})"
+        elif file in present:
+            why = f"{file} no longer names it"
+        else:
+            why = f"its file {file} is gone"
+        kept.append(
+            f"experiment '{name}' is running but {why}; keeping its last valid spec so published days stay "
+            "as they are. Fix the file (or restore it) to change the experiment."
+        )
+        accepted.append((last, products_of(last)))
+    return accepted, kept
+
+
+def _accept_without_overlap(claimed: dict[str, ExperimentSpec], catalog: pd.DataFrame, accepted: list, refused: list) -> None:
+    """Then the other files in file-name order: one sharing products with an accepted experiment
+    on overlapping dates is refused, naming the other; the rest join `accepted`."""
+    for spec in sorted(claimed.values(), key=lambda s: _file_name(s.source)):
+        try:
+            products = population_products(spec, catalog)
+            for other, other_products in accepted:
+                if spec.start > other.end or other.start > spec.end:
+                    continue
+                shared = products.intersection(other_products)
+                if len(shared):
+                    raise ExperimentFileError(
+                        spec.source, "population",
+                        f"overlaps experiment '{other.name}' ({other.source}): {len(shared)} shared "
+                        f"product{'s' if len(shared) > 1 else ''} ({_examples(shared.sort_values())}) "
+                        f"on {max(spec.start, other.start)}..{min(spec.end, other.end)}",
+                    )
+            accepted.append((spec, products))
+        except ExperimentFileError as error:
+            refused.append(error)
+
+
 def load_experiment_directory(
     directory, catalog: pd.DataFrame, running: dict[str, ExperimentSpec] | None = None
 ) -> ExperimentLoad:
@@ -612,74 +696,9 @@ def load_experiment_directory(
             refused.append(error)
             file_errors[path.name] = error
 
-    # Names: a running name belongs to its enrolling file for good; another name to its first file.
-    claimed: dict[str, ExperimentSpec] = {}
-    for spec in parsed:
-        name, file = spec.name, _file_name(spec.source)
-        if name in owner_file and file != owner_file[name]:
-            error = ExperimentFileError(
-                spec.source, "name",
-                f"'{name}' belongs to running experiment file {owner_file[name]} (it has an enrolment); "
-                "a running name stays with its file for good: give this experiment another name",
-            )
-        elif name in claimed:
-            error = ExperimentFileError(spec.source, "name", f"'{name}' is already used by {claimed[name].source}")
-        else:
-            claimed[name] = spec
-            continue
-        refused.append(error)
-        file_errors.setdefault(file, error)
-
-    accepted: list[tuple[ExperimentSpec, pd.Index]] = []
-    kept: list[str] = []
-
-    def products_of(spec: ExperimentSpec) -> pd.Index:
-        try:
-            return population_products(spec, catalog)
-        except ExperimentFileError:  # a kept spec whose names left the catalogue: its enrolment is frozen anyway
-            return pd.Index([], name="product_id")
-
-    # Running experiments first: their file's current spec when it passes, else their last valid one.
-    for name in sorted(running):
-        last = running[name]
-        current = claimed.pop(name, None)
-        if current is not None:
-            try:
-                accepted.append((current, population_products(current, catalog)))
-                continue
-            except ExperimentFileError as error:
-                refused.append(error)
-                file_errors.setdefault(owner_file[name], error)
-        file = owner_file[name]
-        if file in file_errors:
-            why = f"{file} is refused ({file_errors[file].reason})"
-        elif file in present:
-            why = f"{file} no longer names it"
-        else:
-            why = f"its file {file} is gone"
-        kept.append(
-            f"experiment '{name}' is running but {why}; keeping its last valid spec so published days stay "
-            "as they are. Fix the file (or restore it) to change the experiment."
-        )
-        accepted.append((last, products_of(last)))
-
-    for spec in sorted(claimed.values(), key=lambda s: _file_name(s.source)):
-        try:
-            products = population_products(spec, catalog)
-            for other, other_products in accepted:
-                if spec.start > other.end or other.start > spec.end:
-                    continue
-                shared = products.intersection(other_products)
-                if len(shared):
-                    raise ExperimentFileError(
-                        spec.source, "population",
-                        f"overlaps experiment '{other.name}' ({other.source}): {len(shared)} shared "
-                        f"product{'s' if len(shared) > 1 else ''} ({_examples(shared.sort_values())}) "
-                        f"on {max(spec.start, other.start)}..{min(spec.end, other.end)}",
-                    )
-            accepted.append((spec, products))
-        except ExperimentFileError as error:
-            refused.append(error)
+    claimed = _claim_names(parsed, owner_file, refused, file_errors)
+    accepted, kept = _running_first(running, claimed, owner_file, catalog, present, refused, file_errors)
+    _accept_without_overlap(claimed, catalog, accepted, refused)
     specs = sorted((spec for spec, _ in accepted), key=lambda s: (_file_name(s.source), s.name))
     order = {path.name: i for i, path in enumerate(experiment_file_paths(directory))}
     refused.sort(key=lambda e: order.get(_file_name(e.file), len(order)))

@@ -244,6 +244,57 @@ def _parse_population(value, file: str) -> dict:
     return population
 
 
+def _parse_price_change(treatment, file: str) -> float:
+    """`treatment: {price_change: x}`: a finite number above -1 and within the sane range."""
+    if not isinstance(treatment, dict):
+        raise ExperimentFileError(file, "treatment", "expected a mapping like {price_change: -0.05}")
+    for key in treatment:
+        if key not in TREATMENT_FIELDS:
+            raise ExperimentFileError(
+                file, f"treatment.{str(key)[:EXCERPT_CHARS]}", f"unknown field (known: {', '.join(TREATMENT_FIELDS)})"
+            )
+    if treatment.get("price_change") is None:
+        raise ExperimentFileError(file, "treatment.price_change", "missing required field")
+    price_change = treatment["price_change"]
+    if not _is_number(price_change) or not math.isfinite(price_change):
+        raise ExperimentFileError(file, "treatment.price_change", f"{excerpt(price_change)} is not a number")
+    if price_change <= -1:
+        raise ExperimentFileError(
+            file, "treatment.price_change", f"{price_change} would make the price zero or negative (must be > -1)"
+        )
+    if abs(price_change) > MAX_PRICE_CHANGE:
+        raise ExperimentFileError(
+            file, "treatment.price_change",
+            f"{price_change} is a {price_change:+.0%} price change, outside the sane range "
+            f"-{MAX_PRICE_CHANGE}..{MAX_PRICE_CHANGE} (write -0.05 for 5% off)",
+        )
+    return price_change
+
+
+def _design_fields(raw: dict, design: str, file: str) -> tuple:
+    """(phase_days, blackout_days, trigger_event, duration_days): a crossover's phases and
+    blackout (shorter than a phase), a triggered design's event and window; None elsewhere."""
+    phase_days = blackout_days = duration_days = None
+    trigger_event = None
+    if design == "crossover":
+        phase_days = _as_days(raw.get("phase_days", DEFAULT_PHASE_DAYS), file, "phase_days", 1)
+        blackout_days = _as_days(raw.get("blackout_days", DEFAULT_BLACKOUT_DAYS), file, "blackout_days", 0)
+        if blackout_days >= phase_days:
+            raise ExperimentFileError(
+                file, "blackout_days",
+                f"{blackout_days} leaves no analysable day in a phase of {phase_days} days "
+                "(must be < phase_days)",
+            )
+    elif design == "triggered":
+        trigger_event = raw.get("trigger_event")
+        if trigger_event is None:
+            raise ExperimentFileError(file, "trigger_event", "missing: a triggered experiment needs one")
+        if not isinstance(trigger_event, str) or not trigger_event.strip():
+            raise ExperimentFileError(file, "trigger_event", f"{excerpt(trigger_event)} is not an event name")
+        duration_days = _as_days(raw.get("duration_days", DEFAULT_DURATION_DAYS), file, "duration_days", 1)
+    return phase_days, blackout_days, trigger_event, duration_days
+
+
 def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
     unknown = sorted(str(k)[:EXCERPT_CHARS] for k in raw if k not in FILE_FIELDS)
     if unknown:
@@ -283,29 +334,7 @@ def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
             file, "treated_fraction", f"{excerpt(treated_fraction)} is not a number strictly between 0 and 1"
         )
 
-    treatment = raw["treatment"]
-    if not isinstance(treatment, dict):
-        raise ExperimentFileError(file, "treatment", "expected a mapping like {price_change: -0.05}")
-    for key in treatment:
-        if key not in TREATMENT_FIELDS:
-            raise ExperimentFileError(
-                file, f"treatment.{str(key)[:EXCERPT_CHARS]}", f"unknown field (known: {', '.join(TREATMENT_FIELDS)})"
-            )
-    if treatment.get("price_change") is None:
-        raise ExperimentFileError(file, "treatment.price_change", "missing required field")
-    price_change = treatment["price_change"]
-    if not _is_number(price_change) or not math.isfinite(price_change):
-        raise ExperimentFileError(file, "treatment.price_change", f"{excerpt(price_change)} is not a number")
-    if price_change <= -1:
-        raise ExperimentFileError(
-            file, "treatment.price_change", f"{price_change} would make the price zero or negative (must be > -1)"
-        )
-    if abs(price_change) > MAX_PRICE_CHANGE:
-        raise ExperimentFileError(
-            file, "treatment.price_change",
-            f"{price_change} is a {price_change:+.0%} price change, outside the sane range "
-            f"-{MAX_PRICE_CHANGE}..{MAX_PRICE_CHANGE} (write -0.05 for 5% off)",
-        )
+    price_change = _parse_price_change(raw["treatment"], file)
 
     seed = raw["seed"]
     if not _is_int(seed):
@@ -315,24 +344,7 @@ def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
     guardrails = _parse_guardrails(raw.get("guardrails"), file, metrics or (metric,))
     costs = _parse_costs(raw.get("costs"), file)
 
-    phase_days = blackout_days = duration_days = None
-    trigger_event = None
-    if design == "crossover":
-        phase_days = _as_days(raw.get("phase_days", DEFAULT_PHASE_DAYS), file, "phase_days", 1)
-        blackout_days = _as_days(raw.get("blackout_days", DEFAULT_BLACKOUT_DAYS), file, "blackout_days", 0)
-        if blackout_days >= phase_days:
-            raise ExperimentFileError(
-                file, "blackout_days",
-                f"{blackout_days} leaves no analysable day in a phase of {phase_days} days "
-                "(must be < phase_days)",
-            )
-    elif design == "triggered":
-        trigger_event = raw.get("trigger_event")
-        if trigger_event is None:
-            raise ExperimentFileError(file, "trigger_event", "missing: a triggered experiment needs one")
-        if not isinstance(trigger_event, str) or not trigger_event.strip():
-            raise ExperimentFileError(file, "trigger_event", f"{excerpt(trigger_event)} is not an event name")
-        duration_days = _as_days(raw.get("duration_days", DEFAULT_DURATION_DAYS), file, "duration_days", 1)
+    phase_days, blackout_days, trigger_event, duration_days = _design_fields(raw, design, file)
 
     return ExperimentSpec(
         name=name, design=design, start=start, end=end, unit=unit, population=population,

@@ -115,6 +115,62 @@ def effects_png(table: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+def _exposure_section(exposure: pd.DataFrame | None) -> list[str]:
+    """Products per exposure condition behind the spillover estimates, and what each estimate can see."""
+    if exposure is None or exposure.empty:
+        return []
+    wide = exposure.pivot_table(index="experiment", columns="condition", values="products", aggfunc="sum", fill_value=0)
+    return [
+        "## Spillover exposure (products per condition)",
+        "",
+        format_table(wide.reset_index()),
+        "",
+        "`spillover_effect` (with its interval) is the controls' departure from their own forecasts: "
+        "it needs no graph, and its interval carries the forecasts' common error measured on placebo "
+        "windows before the experiment. `spillover_ipw` is the design-based contrast of the exposure "
+        "conditions above, measured on the substitution graph's edges and, in blocks randomised whole "
+        "for their pooled evidence, on the treated share of the block. Substitutes neither could "
+        "detect count as unexposed, so `spillover_ipw` understates spillover the graph cannot see (the "
+        "graph's power below gives the smallest cross elasticity it could see); a gap between the two "
+        "says so.",
+        "",
+    ]
+
+
+def _graph_power_section(graph_power: dict | None) -> list[str]:
+    """What the substitution graph could see (`graph.power_summary` of the latest snapshot)."""
+    if not graph_power:
+        return []
+    return [
+        f"## What the substitution graph could see (snapshot {graph_power.get('snapshot_date', '')})",
+        "",
+        f"{graph_power['pairs_tested']} candidate pairs tested in {graph_power['blocks']} blocks; "
+        f"{graph_power['edges']} edges ({graph_power['edges_by_shrinkage']} by within-block shrinkage). "
+        f"Pair tests detect a cross elasticity of about {graph_power['median_pair_detectable_elasticity']:.2f} "
+        f"with 80% power; a block's pooled test a per-product total of about "
+        f"{graph_power['median_pooled_detectable_elasticity']:.2f}. Market-wide pooled z: "
+        f"{graph_power['market_pooled_z']:.1f}. Blocks randomised whole: {graph_power['blocks_randomised_whole']}.",
+        "",
+        *[f"- **Warning:** {w}" for w in graph_power["warnings"]],
+        "",
+        graph_power["table"],
+        "",
+    ]
+
+
+def _carryover_section(table: pd.DataFrame) -> list[str]:
+    """Switchback experiments whose own data flag carryover, and the size of its bias."""
+    if "carryover_flag" not in table.columns or not table["carryover_flag"].fillna(False).astype(bool).any():
+        return []
+    flagged = table[table["carryover_flag"].fillna(False).astype(bool)].drop_duplicates("experiment")
+    return ["## Carryover", ""] + [
+        f"- `{r.experiment}` ({r.design}): control days right after a treated day differ by "
+        f"{r.carryover_estimate:+.3f} from those after a control day; its estimates are biased by about "
+        f"{r.carryover_bias:+.3f} (lag one only). Add blackout days or read the estimate as a lower bound."
+        for r in flagged.itertuples()
+    ] + [""]
+
+
 def report_markdown(
     table: pd.DataFrame, problems: dict[str, str], as_of, exposure: pd.DataFrame | None = None,
     graph_power: dict | None = None, sentences: dict[str, str] | None = None, over_time: bool = False,
@@ -143,47 +199,7 @@ def report_markdown(
                       "and metric (DiD on each product's first 7, 14, ... window days; band: 95% delta-method interval). "
                       "`experiment_results_history` keeps every refresh's results (`as_of=YYYY-MM-DD/`).", "",
                       "![effect over time](effect_over_time.png)", ""]
-    if exposure is not None and not exposure.empty:
-        wide = exposure.pivot_table(index="experiment", columns="condition", values="products", aggfunc="sum", fill_value=0)
-        lines += [
-            "## Spillover exposure (products per condition)",
-            "",
-            format_table(wide.reset_index()),
-            "",
-            "`spillover_effect` (with its interval) is the controls' departure from their own forecasts: "
-            "it needs no graph, and its interval carries the forecasts' common error measured on placebo "
-            "windows before the experiment. `spillover_ipw` is the design-based contrast of the exposure "
-            "conditions above, measured on the substitution graph's edges and, in blocks randomised whole "
-            "for their pooled evidence, on the treated share of the block. Substitutes neither could "
-            "detect count as unexposed, so `spillover_ipw` understates spillover the graph cannot see (the "
-            "graph's power below gives the smallest cross elasticity it could see); a gap between the two "
-            "says so.",
-            "",
-        ]
-    if graph_power:
-        lines += [
-            f"## What the substitution graph could see (snapshot {graph_power.get('snapshot_date', '')})",
-            "",
-            f"{graph_power['pairs_tested']} candidate pairs tested in {graph_power['blocks']} blocks; "
-            f"{graph_power['edges']} edges ({graph_power['edges_by_shrinkage']} by within-block shrinkage). "
-            f"Pair tests detect a cross elasticity of about {graph_power['median_pair_detectable_elasticity']:.2f} "
-            f"with 80% power; a block's pooled test a per-product total of about "
-            f"{graph_power['median_pooled_detectable_elasticity']:.2f}. Market-wide pooled z: "
-            f"{graph_power['market_pooled_z']:.1f}. Blocks randomised whole: {graph_power['blocks_randomised_whole']}.",
-            "",
-            *[f"- **Warning:** {w}" for w in graph_power["warnings"]],
-            "",
-            graph_power["table"],
-            "",
-        ]
-    if "carryover_flag" in table.columns and table["carryover_flag"].fillna(False).astype(bool).any():
-        flagged = table[table["carryover_flag"].fillna(False).astype(bool)].drop_duplicates("experiment")
-        lines += ["## Carryover", ""] + [
-            f"- `{r.experiment}` ({r.design}): control days right after a treated day differ by "
-            f"{r.carryover_estimate:+.3f} from those after a control day; its estimates are biased by about "
-            f"{r.carryover_bias:+.3f} (lag one only). Add blackout days or read the estimate as a lower bound."
-            for r in flagged.itertuples()
-        ] + [""]
+    lines += _exposure_section(exposure) + _graph_power_section(graph_power) + _carryover_section(table)
     if problems:
         lines += ["## Not estimated", ""] + [f"- `{name}`: {why}" for name, why in sorted(problems.items())] + [""]
     lines += ["![effects](effects.png)", ""]

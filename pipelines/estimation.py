@@ -756,6 +756,47 @@ def _event_days_pandas(events: pd.DataFrame, event_days: int) -> pd.DataFrame:
     return frame.assign(event_on=1.0)
 
 
+def _experiment_panel_pandas(sales: pd.DataFrame, rows: pd.DataFrame, experiment: str, design: str, metric: str,
+                             settings: CounterfactualSettings, unit_costs, event_on, pools) -> pd.DataFrame:
+    """One experiment's and metric's panel for `first_differences_pandas`: each enrolled product's
+    pre-period and window days, its arm, the metric's values as y, the untreated log price and the
+    known events, tagged with experiment, design, metric and pool."""
+    span = rows.groupby("product_id")["date"].agg(first_day="min", last_day="max")
+    if metric in sales.columns:
+        keep = ["product_id", "date", metric] + (["price"] if "price" in sales.columns and metric != "price" else [])
+        panel = sales[keep].rename(columns={metric: "y"})
+    else:  # revenue / profit from price and units (`metrics.metric_values_pandas`)
+        panel = sales[["product_id", "date", "price", "units"] + [c for c in ("revenue",) if c in sales.columns]]
+    panel = panel.join(span, on="product_id", how="inner")
+    panel = panel[(panel["date"] >= panel["first_day"] - pd.Timedelta(days=settings.pre_days)) & (panel["date"] <= panel["last_day"])]
+    columns = ["product_id", "date", "unit_id", "arm", "blackout"] + (["price_change"] if "price_change" in rows.columns else [])
+    panel = panel.merge(rows[columns], on=["product_id", "date"], how="left")
+    panel["in_window"] = panel["date"] >= panel["first_day"]
+    panel = panel[~panel["in_window"] | panel["arm"].notna()].drop(columns=["first_day", "last_day"])
+    panel["blackout"] = panel["blackout"].eq(True)  # no assignment row (pre-period): not blackout
+    if "y" not in panel.columns:
+        if metric == "profit":
+            costs = unit_costs[unit_costs["experiment"] == experiment][["product_id", "unit_cost", "margin_rate"]]
+            panel = panel.merge(costs.assign(product_id=costs["product_id"].astype(str)), on="product_id", how="left")
+        panel["y"] = metric_rules.metric_values_pandas(panel, metric)
+        panel = panel.drop(columns=[c for c in ("units", "revenue", "unit_cost", "margin_rate") if c in panel.columns])
+    if "price" in panel.columns:
+        change = panel["price_change"].fillna(0.0) if "price_change" in panel.columns else 0.0
+        untreated = np.where(panel["arm"] == "treatment", panel["price"] / (1.0 + change), panel["price"])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            panel["log_price"] = np.where(untreated > 0, np.log(untreated), np.nan)
+        panel = panel.drop(columns=["price"])
+    panel = panel.drop(columns=[c for c in ("price_change",) if c in panel.columns])
+    if event_on is not None:
+        panel = panel.merge(event_on, on=["product_id", "date"], how="left")
+        panel["event_on"] = panel["event_on"].fillna(0.0)
+    panel["experiment"] = experiment
+    panel["design"] = design
+    panel["metric"] = metric
+    panel["pool"] = panel["product_id"].map(pools).fillna("") if pools is not None else ""
+    return panel
+
+
 def first_differences_pandas(
     sales: pd.DataFrame,
     assignments: pd.DataFrame,
@@ -783,39 +824,7 @@ def first_differences_pandas(
         rows = assignments[assignments["experiment"] == experiment]
         if rows.empty:
             continue
-        span = rows.groupby("product_id")["date"].agg(first_day="min", last_day="max")
-        if metric in sales.columns:
-            keep = ["product_id", "date", metric] + (["price"] if "price" in sales.columns and metric != "price" else [])
-            panel = sales[keep].rename(columns={metric: "y"})
-        else:  # revenue / profit from price and units (`metrics.metric_values_pandas`)
-            panel = sales[["product_id", "date", "price", "units"] + [c for c in ("revenue",) if c in sales.columns]]
-        panel = panel.join(span, on="product_id", how="inner")
-        panel = panel[(panel["date"] >= panel["first_day"] - pd.Timedelta(days=settings.pre_days)) & (panel["date"] <= panel["last_day"])]
-        columns = ["product_id", "date", "unit_id", "arm", "blackout"] + (["price_change"] if "price_change" in rows.columns else [])
-        panel = panel.merge(rows[columns], on=["product_id", "date"], how="left")
-        panel["in_window"] = panel["date"] >= panel["first_day"]
-        panel = panel[~panel["in_window"] | panel["arm"].notna()].drop(columns=["first_day", "last_day"])
-        panel["blackout"] = panel["blackout"].eq(True)  # no assignment row (pre-period): not blackout
-        if "y" not in panel.columns:
-            if metric == "profit":
-                costs = unit_costs[unit_costs["experiment"] == experiment][["product_id", "unit_cost", "margin_rate"]]
-                panel = panel.merge(costs.assign(product_id=costs["product_id"].astype(str)), on="product_id", how="left")
-            panel["y"] = metric_rules.metric_values_pandas(panel, metric)
-            panel = panel.drop(columns=[c for c in ("units", "revenue", "unit_cost", "margin_rate") if c in panel.columns])
-        if "price" in panel.columns:
-            change = panel["price_change"].fillna(0.0) if "price_change" in panel.columns else 0.0
-            untreated = np.where(panel["arm"] == "treatment", panel["price"] / (1.0 + change), panel["price"])
-            with np.errstate(divide="ignore", invalid="ignore"):
-                panel["log_price"] = np.where(untreated > 0, np.log(untreated), np.nan)
-            panel = panel.drop(columns=["price"])
-        panel = panel.drop(columns=[c for c in ("price_change",) if c in panel.columns])
-        if event_on is not None:
-            panel = panel.merge(event_on, on=["product_id", "date"], how="left")
-            panel["event_on"] = panel["event_on"].fillna(0.0)
-        panel["experiment"] = experiment
-        panel["design"] = design
-        panel["metric"] = metric
-        panel["pool"] = panel["product_id"].map(pools).fillna("") if pools is not None else ""
+        panel = _experiment_panel_pandas(sales, rows, experiment, design, metric, settings, unit_costs, event_on, pools)
         pre = panel[~panel["in_window"]]
         coef_by_pool = {
             pool: pool_profile(rows_of_pool, settings)["pool_coef"].iloc[0]

@@ -270,20 +270,9 @@ def _promotion_days(history: History) -> np.ndarray:
     return np.nan_to_num(history.log_price - median, nan=0.0) < np.log1p(-PROMOTION_DROP)
 
 
-def carryover_from_history(history: History, max_lag: int = CARRYOVER_MAX_LAG) -> dict:
-    """How long demand stays away from its baseline after a price change ends.
-
-    Events: product i changed on day t-1 and not on day t (past experiment treatment; promotions
-    when no experiment treated anything). Residual r_it = log(1 + y_it) minus the product's mean on
-    untouched days minus the day's mean among products untouched for `max_lag` days (per
-    category). excess_k = mean r over events still untouched on t..t+k; effect = mean r on t-1.
-    Returns rho (excess_0 / effect), its upper 95% bound, carryover_days (consecutive significant
-    lags), blackout_days (ceil(3 x half-life at the upper bound); 0 when excess_0's z <= CARRYOVER_Z)
-    and the evidence.
-    """
-    changed, source = history.treated, "past experiments"
-    if not changed.any():
-        changed, source = _promotion_days(history), "promotions"
+def _residual_demand(history: History, changed: np.ndarray, max_lag: int) -> np.ndarray:
+    """(products x days) log(1 + y) minus the product's mean on untouched days and minus the day's
+    mean among products untouched for `max_lag` days (the category's own where it has >= 10)."""
     logy = np.log1p(history.y)
     touched_recently = pd.DataFrame(changed.T).rolling(max_lag + 1, min_periods=1).max().to_numpy().T.astype(bool)
     quiet = ~touched_recently & np.isfinite(logy)
@@ -300,6 +289,25 @@ def carryover_from_history(history: History, max_lag: int = CARRYOVER_MAX_LAG) -
             means = np.nanmean(quiet_values[rows], axis=0)
             day_effect[rows] = np.where(enough, np.nan_to_num(means), overall)[None, :]
     r = centred - day_effect
+    return r
+
+
+def carryover_from_history(history: History, max_lag: int = CARRYOVER_MAX_LAG) -> dict:
+    """How long demand stays away from its baseline after a price change ends.
+
+    Events: product i changed on day t-1 and not on day t (past experiment treatment; promotions
+    when no experiment treated anything). Residual r_it = log(1 + y_it) minus the product's mean on
+    untouched days minus the day's mean among products untouched for `max_lag` days (per
+    category). excess_k = mean r over events still untouched on t..t+k; effect = mean r on t-1.
+    Returns rho (excess_0 / effect), its upper 95% bound, carryover_days (consecutive significant
+    lags), blackout_days (ceil(3 x half-life at the upper bound); 0 when excess_0's z <= CARRYOVER_Z)
+    and the evidence.
+    """
+    changed, source = history.treated, "past experiments"
+    if not changed.any():
+        changed, source = _promotion_days(history), "promotions"
+    r = _residual_demand(history, changed, max_lag)
+    n_days = r.shape[1]
     ends_p, ends_t = np.nonzero(changed[:, :-1] & ~changed[:, 1:])
     ends_t = ends_t + 1
     out = {"source": source, "n_events": int(len(ends_p)), "rho": 0.0, "rho_high": 0.0, "carryover_days": 0,
@@ -307,7 +315,6 @@ def carryover_from_history(history: History, max_lag: int = CARRYOVER_MAX_LAG) -
     if len(ends_p) < 30:
         out["note"] = f"only {len(ends_p)} ends of past price changes: carryover not measurable"
         return out
-    n_days = logy.shape[1]
     on = r[ends_p, ends_t - 1]
     on = on[np.isfinite(on)]
     effect, effect_se = float(on.mean()), float(on.std(ddof=1) / np.sqrt(len(on)))

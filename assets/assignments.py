@@ -49,8 +49,12 @@ def _days(window) -> list[dt.date]:
 # of its own step: a job's assets share one partitions definition, and enrolments are per
 # experiment, not per day. It is declared here so the lineage shows it, and each write is
 # recorded as its materialization.
+# An experiment reads the clusters snapshot in force at its start, which may be any snapshot
+# (older than the day published, never a later one): every snapshot key is upstream of every day.
+CLUSTERS_IN_FORCE = dg.AssetDep("product_clusters", partition_mapping=dg.AllPartitionMapping())
+
 ENROLMENTS = dg.AssetSpec(
-    "enrolments", group_name="assignments", kinds=DELTA_TABLE, deps=["experiments", "catalog", "product_clusters"],
+    "enrolments", group_name="assignments", kinds=DELTA_TABLE, deps=["experiments", "catalog", CLUSTERS_IN_FORCE],
     description="Per experiment: product_id, unit_id, stratum, written by daily_assignments at its first publication.",
 )
 
@@ -64,7 +68,7 @@ def daily_assignments_asset(daily_partitions: dg.PartitionsDefinition) -> dg.Ass
         kinds=DELTA_TABLE,
         partitions_def=daily_partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),
-        deps=["experiments", "catalog", "product_clusters", "trigger_events", "enrolments"],
+        deps=["experiments", "catalog", CLUSTERS_IN_FORCE, "trigger_events", "enrolments"],
         required_resource_keys={"spark", "warehouse"},
         check_specs=[
             dg.AssetCheckSpec(

@@ -2,7 +2,8 @@
 
 Snapshots are dated and written once (`substitution_graph/snapshot_date=D/`, built from the 365
 days before D): experiments keep the snapshot in force at their start, so a snapshot that
-assignments may depend on is never rewritten.
+assignments may depend on is never rewritten. Each snapshot is one key of the dynamic partitions
+`snapshot_date` (assets/partitions.py), so the UI lists every snapshot and the run that made it.
 """
 
 import datetime as dt
@@ -13,6 +14,7 @@ from pyspark.sql import functions as F
 
 from assets.checks import run_metadata
 from assets.kinds import DELTA_TABLE
+from assets.partitions import SNAPSHOT_PARTITIONS, snapshot_days
 from pipelines import graph, inputs
 from pipelines.progress import Progress, spark_progress
 
@@ -22,26 +24,30 @@ FDR_DEFAULT = inspect.signature(graph.learn_substitution).parameters["fdr"].defa
 
 class SnapshotConfig(dg.Config):
     """Run-level knobs of a graph build (set them in the launchpad). `snapshot_date` (YYYY-MM-DD):
-    the day the snapshot is in force from; default: the day after the last complete sales day (the
-    latest day with at least half the median day's products). `fdr`: the Benjamini-Hochberg false
-    discovery rate of the pair tests; it applies to snapshots built by this run (a snapshot is
-    never rewritten, and records the rate it was built with)."""
+    the day the snapshot is in force from; it must be one of the run's snapshot partitions (the
+    partition key picks the snapshot; `pricelab build-graph --snapshot-date D` registers D and
+    launches it). `fdr`: the Benjamini-Hochberg false discovery rate of the pair tests; it applies
+    to snapshots built by this run (a snapshot is never rewritten, and records the rate it was
+    built with)."""
 
     snapshot_date: str = ""
     fdr: float = FDR_DEFAULT
 
 
-def resolve_snapshot_date(config: SnapshotConfig, sales) -> dt.date:
-    if config.snapshot_date:
-        try:
-            return dt.date.fromisoformat(config.snapshot_date)
-        except ValueError:
-            raise dg.Failure(f"substitution_graph: config snapshot_date {config.snapshot_date[:40]!r} is not a date YYYY-MM-DD") from None
-    # the latest day most products sold on, never one stray row's date (snapshots are never rewritten)
-    last = inputs.last_complete_sales_day(sales)
-    if last is None:
-        raise dg.Failure("substitution_graph: the sales table is empty, so there is no history to build a graph from")
-    return last + dt.timedelta(days=1)
+def check_snapshot_date(config: SnapshotConfig, days: list[dt.date]) -> None:
+    """A configured snapshot_date must be a date among the run's snapshot partitions."""
+    if not config.snapshot_date:
+        return
+    try:
+        day = dt.date.fromisoformat(config.snapshot_date)
+    except ValueError:
+        raise dg.Failure(f"substitution_graph: config snapshot_date {config.snapshot_date[:40]!r} is not a date YYYY-MM-DD") from None
+    if day not in days:
+        raise dg.Failure(
+            f"substitution_graph: config snapshot_date {day} is not among this run's snapshot partitions "
+            f"({', '.join(d.isoformat() for d in days)}): launch the run on partition {day} "
+            f"(pricelab build-graph --snapshot-date {day} registers it)"
+        )
 
 
 def short_history_message(sales, snapshot: dt.date) -> str:
@@ -84,30 +90,31 @@ def experiment_starts(spark, warehouse) -> list[dt.date]:
     return sorted({r["start"] for r in warehouse.read(spark, "experiments").select("start").collect()})
 
 
-@dg.asset(kinds=DELTA_TABLE, group_name="graph", deps=["sales", "catalog", "experiments"], required_resource_keys={"spark", "warehouse"})
+@dg.asset(
+    kinds=DELTA_TABLE, group_name="graph", partitions_def=SNAPSHOT_PARTITIONS, backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=["sales", "catalog", "experiments"], required_resource_keys={"spark", "warehouse"},
+)
 def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig) -> dg.MaterializeResult:
     """Edges (src, dst, weight, corr, n_days, evidence) between substitutes, and the evidence and
-    power of each block (`substitution_blocks`), one dated snapshot per build. Every accepted
-    experiment also gets a snapshot in force at its start: when none is dated on or before it,
-    one dated at its start is built (from the 365 days before it)."""
+    power of each block (`substitution_blocks`): one dated snapshot per partition key (a run may
+    hold several keys: `pipelines.snapshot_plan` adds one at every accepted experiment start that
+    has no snapshot in force). An existing snapshot is reused, never rewritten."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     if not 0 < config.fdr < 1:
         raise dg.Failure(f"substitution_graph: config fdr {config.fdr!r} is not a rate strictly between 0 and 1")
-    sales = warehouse.read(spark, "sales")
-    snapshot = resolve_snapshot_date(config, sales)
-    existing = [dt.date.fromisoformat(d) for d in warehouse.partitions("substitution_graph", "snapshot_date")]
-    starts = experiment_starts(spark, warehouse)
-    wanted = graph.snapshot_dates_needed(snapshot, existing, starts)
-    for extra in [d for d in wanted if d != snapshot]:
-        context.log.info(f"experiment start {extra} has no snapshot in force: building one dated {extra}")
-    reused = True
-    days = sorted(set(wanted) | {snapshot})
+    days = snapshot_days(context, "substitution_graph")
+    check_snapshot_date(config, days)
+    reused = {}
     progress = Progress("substitution graph", len(days), "snapshot(s)", context.log.info)
     for day in days:
-        built_reused = _build_snapshot(context, spark, warehouse, day, config.fdr)
-        progress.step(f"{day}{' reused' if built_reused else ' built'}")
-        if day == snapshot:
-            reused = built_reused
+        reused[day] = _build_snapshot(context, spark, warehouse, day, config.fdr)
+        progress.step(f"{day}{' reused' if reused[day] else ' built'}")
+    have = [dt.date.fromisoformat(d) for d in warehouse.partitions("substitution_graph", "snapshot_date")]
+    for start in experiment_starts(spark, warehouse):
+        if not any(d <= start for d in have):
+            context.log.warning(f"experiment start {start} has no snapshot in force: pricelab build-graph (or the "
+                                "build_graph_weekly sensor) adds one dated at its start")
+    snapshot = days[-1]  # the metadata describes the run's latest snapshot
     partition = ("snapshot_date", snapshot.isoformat())
     edges = warehouse.read(spark, "substitution_graph", partition)
     blocks = warehouse.read(spark, graph.BLOCKS_TABLE, partition).toPandas()
@@ -119,9 +126,10 @@ def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig
         metadata={
             **run_metadata(spark, summary.get("edges")),
             "snapshot_date": snapshot.isoformat(),
-            "reused_snapshot": reused,
+            "reused_snapshot": reused[snapshot],
             "fdr": config.fdr,  # of this run's builds (a reused snapshot keeps the rate it was built with)
-            "snapshots_added_for_experiment_starts": dg.MetadataValue.json([d.isoformat() for d in wanted if d != snapshot]),
+            "snapshots_built": dg.MetadataValue.json([d.isoformat() for d in days if not reused[d]]),
+            "snapshots_reused": dg.MetadataValue.json([d.isoformat() for d in days if reused[d]]),
             **summary,
             **{k: v for k, v in power.items() if k not in ("warnings", "table")},
             "power_by_block": dg.MetadataValue.md(power["table"]),

@@ -1,4 +1,14 @@
-"""Daily partitions, defined once. They start on the first day of the month of the earliest
+"""Partitions, defined once: the snapshot partitions of the graph and clusters, and the daily
+partitions of the assignments.
+
+Snapshot partitions (`SNAPSHOT_PARTITIONS`, dynamic, named `snapshot_date`): one key per dated
+snapshot `YYYY-MM-DD` of `substitution_graph` and `product_clusters` (their tables' `snapshot_date=D/`
+partitions). The keys are not known in advance (the default snapshot follows the sales, and an
+experiment start may need its own), so whoever launches a build registers them first
+(`jobs.snapshots`: the CLI, the demo, the weekly sensor); a key added by hand in the UI must be a
+date, else the build refuses it in one line.
+
+Daily partitions, defined once. They start on the first day of the month of the earliest
 experiment start found in the data directory (experiment files and the experiments already
 accepted or enrolled in the warehouse), so the CLI, `dagster dev` and the daemon, which all build
 the definitions from the same PRICELAB_DATA_DIR (jobs/definitions.py), agree without any further
@@ -16,6 +26,22 @@ from dagster._core.errors import DagsterUnknownPartitionError
 from pipelines.contract import today_utc
 
 WAREHOUSE_SPEC_TABLES = ("experiments", "experiment_registry")
+SNAPSHOT_PARTITIONS_NAME = "snapshot_date"
+SNAPSHOT_PARTITIONS = dg.DynamicPartitionsDefinition(name=SNAPSHOT_PARTITIONS_NAME)
+
+
+def snapshot_days(context: dg.AssetExecutionContext, asset: str) -> list[dt.date]:
+    """The run's snapshot keys as dates, sorted; a key that is not a date fails in one line."""
+    days = []
+    for key in context.partition_keys:
+        try:
+            days.append(dt.date.fromisoformat(key))
+        except ValueError:
+            raise dg.Failure(
+                f"{asset}: snapshot partition {key[:40]!r} is not a date YYYY-MM-DD (snapshot keys are the days a "
+                "snapshot is in force from; delete it in the UI and run pricelab build-graph [--snapshot-date D])"
+            ) from None
+    return sorted(days)
 
 
 def _warehouse_starts(root: Path) -> list[dt.date]:

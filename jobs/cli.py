@@ -243,12 +243,25 @@ def publish_range(first: dt.date, last: dt.date, outcome: Outcome) -> bool:
     return execute("publish_assignments_job", outcome, tags={RANGE_START_TAG: first.isoformat(), RANGE_END_TAG: last.isoformat()})
 
 
+def build_graph(root: Path, outcome: Outcome, snapshot_date: dt.date | None = None) -> bool:
+    """Plan the build's snapshots (no Spark), register their partition keys, run build_graph_job on them."""
+    from jobs.snapshots import prepare_graph_build
+    from pipelines.snapshot_plan import SnapshotPlanError
+
+    try:
+        build = prepare_graph_build(_instance(), root, snapshot_date, today=settings.today(), tables_url=settings.warehouse_url())
+    except SnapshotPlanError as error:
+        outcome.failed = True
+        say(f"build_graph_job not started: {error}")
+        return False
+    for line in build.describe():
+        say(line)
+    return execute("build_graph_job", outcome, partition_key=build.partition_key, tags=build.tags, run_config=build.run_config)
+
+
 def cmd_build_graph(args, root: Path) -> int:
     outcome = Outcome()
-    config = None
-    if args.snapshot_date:
-        config = {"ops": {"substitution_graph": {"config": {"snapshot_date": _parse_day(args.snapshot_date).isoformat()}}}}
-    execute("build_graph_job", outcome, run_config=config)
+    build_graph(root, outcome, _parse_day(args.snapshot_date) if args.snapshot_date else None)
     return finish(outcome)
 
 
@@ -284,7 +297,7 @@ def _accepted_experiments(root: Path):
 
 def cmd_run(args, root: Path) -> int:
     outcome = Outcome()
-    if not execute("build_graph_job", outcome):
+    if not build_graph(root, outcome):
         return finish(outcome)
     specs = _accepted_experiments(root)
     if not specs:

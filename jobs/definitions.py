@@ -12,6 +12,7 @@ from assets.partitions import daily_partitions_for
 from jobs import settings
 from jobs.resources import default_resources
 from jobs.sensors import experiment_files_sensor
+from jobs.snapshots import BUILD_GRAPH_JOB, build_graph_weekly
 
 # What each asset runs on and is stored as, shown as `kinds` in the UI (one place for all).
 TABLE_FORMAT = "delta"  # as assets.kinds.DELTA_TABLE says on the tables the warehouse stores
@@ -62,9 +63,10 @@ def result_assets(demo: bool) -> list:
 ADVICE_ASSETS = with_kinds(dg.load_assets_from_modules([advice]))
 
 build_graph_job = dg.define_asset_job(
-    "build_graph_job",
+    BUILD_GRAPH_JOB,
     selection=dg.AssetSelection.groups("inputs", "graph"),
-    description="Validate the inputs, then build the substitution graph and clusters snapshot.",
+    description="Validate the inputs, then build the substitution graph and clusters snapshots of the run's snapshot_date "
+    "partition keys (registered by whoever launches it: pricelab build-graph, the build_graph_weekly sensor).",
 )
 publish_assignments_job = dg.define_asset_job(
     "publish_assignments_job",
@@ -88,9 +90,8 @@ publish_assignments_schedule = dg.build_schedule_from_partitioned_job(
 refresh_results_schedule = dg.ScheduleDefinition(
     name="refresh_results_daily", job=refresh_results_job, cron_schedule="0 6 * * *", execution_timezone="UTC"
 )
-build_graph_schedule = dg.ScheduleDefinition(
-    name="build_graph_weekly", job=build_graph_job, cron_schedule="0 2 * * 1", execution_timezone="UTC"
-)
+# The weekly graph build is the sensor `build_graph_weekly` (jobs/snapshots.py): a schedule cannot
+# register the snapshot partition keys its run needs.
 
 
 
@@ -99,8 +100,8 @@ def build_definitions(demo: bool) -> dg.Definitions:
     core = dg.Definitions(
         assets=[*INPUT_AND_GRAPH_ASSETS, *ASSIGNMENT_ASSETS, *result_assets(demo), *ADVICE_ASSETS],
         jobs=[build_graph_job, publish_assignments_job, refresh_results_job, advise_job],
-        schedules=[publish_assignments_schedule, refresh_results_schedule, build_graph_schedule],
-        sensors=[experiment_files_sensor],
+        schedules=[publish_assignments_schedule, refresh_results_schedule],
+        sensors=[experiment_files_sensor, build_graph_weekly],
         resources=default_resources(),
         executor=dg.in_process_executor,
     )

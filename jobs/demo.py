@@ -1,7 +1,8 @@
 """`make demo`: the whole pipeline on the embedded simulated market, through Dagster.
 
 1. Generates the simulated market into `$PRICELAB_DATA_DIR/input` when it is absent.
-2. Runs `build_graph_job` (inputs, checks, substitution graph, clusters).
+2. Registers the build's snapshot partition keys (`jobs.snapshots`) and runs `build_graph_job`
+   on them (inputs, checks, substitution graph, clusters).
 3. Publishes every day of the demo experiments with one `publish_assignments_job` run over the
    partition range (what a backfill from the UI does).
 4. Runs `refresh_results_job` (demo: the simulator answers the published prices), then prints
@@ -20,7 +21,9 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 import dagster as dg  # noqa: E402
 
 from pipelines import experiments, report, simulation  # noqa: E402
+from jobs import settings  # noqa: E402
 from jobs.resources import spark_from_environment, warehouse_from_environment  # noqa: E402
+from jobs.snapshots import prepare_graph_build  # noqa: E402
 
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
@@ -30,13 +33,14 @@ def _step(message: str, started: float) -> None:
     print(f"[{time.time() - started:6.0f}s] {message}", flush=True)
 
 
-def _run(job_name: str, instance: dg.DagsterInstance, tags: dict | None = None) -> None:
+def _run(job_name: str, instance: dg.DagsterInstance, tags: dict | None = None, partition_key: str | None = None) -> None:
     from jobs.definitions import defs
     from jobs.runs import run_tags
 
     quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # our progress lines, not Dagster's DEBUG events
     result = defs.get_job_def(job_name).execute_in_process(
-        run_config=quiet, instance=instance, tags={**(tags or {}), **run_tags()}, raise_on_error=False
+        run_config=quiet, instance=instance, tags={**(tags or {}), **run_tags()}, partition_key=partition_key,
+        raise_on_error=False,
     )
     failed_checks = [
         e.asset_check_evaluation_data
@@ -60,8 +64,9 @@ def main() -> int:
         _step(f"using the existing inputs in {warehouse.input_dir}", started)
     instance = dg.DagsterInstance.get()
 
-    _step("build_graph_job: inputs, data-quality checks, substitution graph, clusters", started)
-    _run("build_graph_job", instance)
+    build = prepare_graph_build(instance, warehouse.root, today=settings.today(), tables_url=warehouse.tables_url)  # registers the snapshot keys
+    _step(f"build_graph_job: inputs, data-quality checks, substitution graph, clusters; {build.describe()[0]}", started)
+    _run("build_graph_job", instance, build.tags, build.partition_key)
 
     spark = spark_from_environment()
     specs = warehouse.read(spark, "experiments").toPandas()

@@ -91,3 +91,11 @@ def _one_line(exc: Exception) -> str:
     return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + "...(cut)"
 
 
+def last_complete_day(per_day, share: float = 0.5) -> date | None:
+    """The latest `date` of `per_day` (pandas: date, n = products sold that day) whose `n` is at
+    least `share` of the median day's, so one stray row (a late or mistyped date) never decides a
+    snapshot date. None when empty. Spark (`pipelines.inputs`) and pandas callers share it."""
+    if per_day.empty:
+        return None
+    threshold = share * float(per_day["n"].median())
+    return max(per_day.loc[per_day["n"] >= threshold, "date"])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipelines.contract import (  # noqa: F401  (re-exported: callers use pipelines.inputs.*)
     FUTURE_TOLERANCE_DAYS, INPUT_SUFFIXES, MESSAGE_CHARS, InputError, _file_columns, _input_suffix, _one_line,
-    input_files, input_listing, today_utc,
+    input_files, input_listing, last_complete_day, today_utc,
 )
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -278,10 +278,7 @@ def last_complete_sales_day(sales: DataFrame, share: float = 0.5) -> date | None
     """The latest day whose number of products sold is at least `share` of the median day's, so
     one stray row (a late or mistyped date) never decides a snapshot date. None when empty."""
     per_day = sales.groupBy("date").agg(F.countDistinct("product_id").alias("n")).toPandas()
-    if per_day.empty:
-        return None
-    threshold = share * float(per_day["n"].median())
-    return max(per_day.loc[per_day["n"] >= threshold, "date"])
+    return last_complete_day(per_day, share)
 
 
 def rejection_summary(rejected: DataFrame, examples: int = 5) -> tuple[dict[str, int], list[dict]]:

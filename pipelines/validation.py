@@ -51,6 +51,7 @@ class Validation:
     experiments_accepted: list[str]
     notes: list[str]
     kept: list[str] = field(default_factory=list)  # running experiments kept on their last valid spec
+    specs: list = field(default_factory=list)  # the accepted specs (ExperimentSpec), running ones included
 
     def messages(self, examples_per_reason: int | None = None) -> list[str]:
         """One line per refusal: input errors, refused files, refused rows, refused experiment files."""
@@ -378,15 +379,16 @@ def validate_inputs(data_dir: str | Path, today: date | None = None, running=Non
     known = catalog.good[CATALOG_REQUIRED] if catalog.good is not None else None
     sales = check_sales(data_dir, known, today)
     triggers = check_trigger_events(data_dir)
-    refused, accepted, kept = [], [], []
+    refused, accepted, kept, specs = [], [], [], []
     directory = data_dir / "input" / "experiments"
     if known is None:
         notes.append("experiment files not checked against the catalogue: the catalogue is unusable")
     else:
         loaded = experiment_files.load_experiment_directory(directory, known, running)
         refused = [str(e) for e in loaded.refused] + list(loaded.ignored)
-        accepted = [s.name for s in loaded.specs]
+        specs = list(loaded.specs)
+        accepted = [s.name for s in specs]
         kept = list(loaded.kept)
         if not experiment_files.experiment_file_paths(directory) and not running:
             notes.append(f"no experiment file in {directory}: no experiment will be published")
-    return Validation({"catalog": catalog, "sales": sales, "trigger_events": triggers}, refused, accepted, notes, kept)
+    return Validation({"catalog": catalog, "sales": sales, "trigger_events": triggers}, refused, accepted, notes, kept, specs)

@@ -11,6 +11,7 @@ from jobs.resources import SparkResource, WarehouseResource
 from pipelines import advisor
 from pipelines.simulation import MarketConfig, write_demo_inputs
 from pipelines.storage import Warehouse
+from tests.test_assets import with_snapshot_keys
 
 TINY = MarketConfig(n_products=100, n_subclasses=20, history_start=dt.date(2025, 9, 3), history_days=150, seed=3)
 ASSETS = dg.load_assets_from_modules([inputs, graph, clustering, advice])
@@ -25,8 +26,10 @@ def test_design_advice_answers_proposals_and_refuses_a_bad_one_alone(spark, tmp_
     (tmp_path / "input" / "proposals" / "broken.yaml").write_text(
         "name: broken\nstart: 2026-02-02\nend: 2026-02-22\ntreatment: {price_change: -0.05}\nseed: 1\ndesign: [zigzag]\n")
     resources = {"spark": SparkResource(), "warehouse": WarehouseResource(data_dir=str(tmp_path))}
-    built = dg.materialize(ASSETS, selection=["catalog", "sales", "trigger_events", "substitution_graph", "product_clusters"],
-                           resources=resources, raise_on_error=False)
+    graph_run = ["catalog", "sales", "trigger_events", "substitution_graph", "product_clusters"]
+    instance = dg.DagsterInstance.ephemeral()
+    built = dg.materialize(ASSETS, selection=graph_run, resources=resources, raise_on_error=False, instance=instance,
+                           **with_snapshot_keys(instance, tmp_path, graph_run, {}))
     assert built.success
     result = dg.materialize(ASSETS, selection=["design_advice"], resources=resources, run_config=SMALL, raise_on_error=False)
     assert result.success, [e.message for e in result.all_events if e.is_failure]

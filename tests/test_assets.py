@@ -23,11 +23,32 @@ RANGE = {"dagster/asset_partition_range_start": "2026-01-05", "dagster/asset_par
 ALL_ASSETS = list(build_definitions(demo=True).assets)  # as `make demo` defines them
 
 
-def _materialize(data_dir, selection, **kwargs):
+SNAPSHOT_ASSETS = {"substitution_graph", "product_clusters"}
+
+
+def with_snapshot_keys(instance: dg.DagsterInstance, data_dir, selection, kwargs: dict) -> dict:
+    """`materialize` kwargs targeting the graph build's snapshot partitions, planned and registered
+    as `pricelab build-graph` does (jobs.snapshots); a given partition_key is registered as is."""
+    from assets.partitions import SNAPSHOT_PARTITIONS_NAME
+    from jobs.snapshots import prepare_graph_build
+
+    if not SNAPSHOT_ASSETS & set(selection):
+        return kwargs
+    if "partition_key" in kwargs:
+        if not instance.has_dynamic_partition(SNAPSHOT_PARTITIONS_NAME, kwargs["partition_key"]):
+            instance.add_dynamic_partitions(SNAPSHOT_PARTITIONS_NAME, [kwargs["partition_key"]])
+        return kwargs
+    build = prepare_graph_build(instance, data_dir)
+    return {**kwargs, "partition_key": build.partition_key, "tags": {**kwargs.get("tags", {}), **build.tags}}
+
+
+def _materialize(data_dir, selection, instance=None, **kwargs):
     resources = {"spark": SparkResource(), "warehouse": WarehouseResource(data_dir=str(data_dir))}
+    instance = instance or dg.DagsterInstance.ephemeral()
+    kwargs = with_snapshot_keys(instance, data_dir, selection, kwargs)
     # experiment_results is one step writing four assets: selecting it selects them all
     selection = dg.AssetSelection.assets(*selection).required_multi_asset_neighbors()
-    return dg.materialize(ALL_ASSETS, selection=selection, resources=resources, raise_on_error=False, **kwargs)
+    return dg.materialize(ALL_ASSETS, selection=selection, resources=resources, raise_on_error=False, instance=instance, **kwargs)
 
 
 def _checks(result) -> dict[str, bool]:
@@ -226,6 +247,7 @@ def test_run_level_knobs_are_launchpad_config_with_the_library_defaults(tmp_path
     for op, config, message in (("product_clusters", {"max_cluster_size": 1}, "max_cluster_size 1 must be at least 2"),
                                 ("substitution_graph", {"fdr": 1.5}, "fdr 1.5 is not a rate"),
                                 ("experiment_results", {"n_bootstrap": 10}, "n_bootstrap 10 is below 100")):
-        refused = _materialize(tmp_path, [op], run_config={"ops": {op: {"config": config}}})
+        key = {"partition_key": "2025-06-02"} if op in SNAPSHOT_ASSETS else {}  # one snapshot; refused before any work
+        refused = _materialize(tmp_path, [op], run_config={"ops": {op: {"config": config}}}, **key)
         failures = [e.event_specific_data.error.message for e in refused.all_events if e.is_step_failure]
         assert not refused.success and any(message in f for f in failures), failures

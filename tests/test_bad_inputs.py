@@ -512,10 +512,12 @@ def materialize(root: Path, selection, **kwargs):
     from assets import inputs as input_assets
     from jobs.definitions import DAILY_PARTITIONS
     from jobs.resources import SparkResource, WarehouseResource
+    from tests.test_assets import with_snapshot_keys
 
     assets = [*dg.load_assets_from_modules([input_assets, graph_assets]), assignment_assets.daily_assignments_asset(DAILY_PARTITIONS)]
     resources = {"spark": SparkResource(), "warehouse": WarehouseResource(data_dir=str(root))}
     instance = dg.DagsterInstance.ephemeral()
+    kwargs = with_snapshot_keys(instance, root, selection, kwargs)  # a graph build targets its snapshot partitions
     result = dg.materialize(assets, selection=selection, resources=resources, raise_on_error=False, instance=instance, **kwargs)
     result.logs_instance = instance
     return result

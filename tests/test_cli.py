@@ -198,6 +198,11 @@ def test_a_new_user_runs_2025_data_end_to_end(tmp_path):
 
     warehouse, spark = Warehouse(root), get_spark()
     assert warehouse.partitions("product_clusters", "snapshot_date") == ["2025-06-02", "2025-07-01"]
+    # what the UI shows is the warehouse's truth: each snapshot is a partition key of both assets,
+    # materialised by the one build_graph_job run (a range over the two keys)
+    assert_snapshots_in_the_ui(instance, warehouse)
+    assert graph_run.tags["dagster/asset_partition_range_start"] == "2025-06-02"
+    assert graph_run.tags["dagster/asset_partition_range_end"] == "2025-07-01"
     days = warehouse.partitions("daily_assignments", "date")
     assert days[0] == "2025-06-02" and days[-1] == "2025-06-29" and len(days) == 28
     results = warehouse.read(spark, "experiment_results").toPandas()
@@ -210,6 +215,28 @@ def test_a_new_user_runs_2025_data_end_to_end(tmp_path):
     out = pricelab(root, "retire", "kitchen-cut")
     assert out.returncode == 0, out.stderr
     assert (root / "warehouse" / "retired_experiments" / "kitchen-cut.json").exists()
+    # --snapshot-date picks the key: registered, built, shown; an existing one is reused, not rewritten
+    out = pricelab(root, "build-graph", "--snapshot-date", "2025-06-16")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "snapshot(s) 2025-06-16 (new partition keys: 2025-06-16)" in out.stdout
+    assert warehouse.partitions("product_clusters", "snapshot_date") == ["2025-06-02", "2025-06-16", "2025-07-01"]
+    assert_snapshots_in_the_ui(_instance(root), warehouse)
+    out = pricelab(root, "build-graph")
+    assert out.returncode == 0 and "snapshot(s) 2025-07-01 (new partition keys: none)" in out.stdout, out.stdout[-3000:]
+    assert "snapshot 2025-07-01 exists and is never rewritten; reusing it" in out.stdout + out.stderr
+
+
+def assert_snapshots_in_the_ui(instance, warehouse) -> None:
+    """The instance lists every warehouse snapshot as a `snapshot_date` key, materialised for both assets."""
+    import dagster as dg
+
+    from assets.partitions import SNAPSHOT_PARTITIONS_NAME
+
+    built = warehouse.partitions("substitution_graph", "snapshot_date")
+    assert built == warehouse.partitions("product_clusters", "snapshot_date")
+    assert sorted(instance.get_dynamic_partitions(SNAPSHOT_PARTITIONS_NAME)) == built
+    for asset in ("substitution_graph", "product_clusters"):
+        assert instance.get_materialized_partitions(dg.AssetKey(asset)) == set(built), asset
 
 
 @pytest.mark.slow

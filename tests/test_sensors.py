@@ -179,3 +179,74 @@ def test_first_tick_after_a_restart_does_not_rerun_when_nothing_changed(data_dir
     write_experiment(data_dir, "a.yaml", "a", price_change=-0.1)
     outcome = experiment_files_sensor(dg.build_sensor_context(cursor=None, instance=instance, resources=resources))
     assert len(outcome.run_requests) == 1 and "changed: a.yaml" in outcome.run_requests[0].tags["pricelab/experiment_files"]
+
+
+# ----------------------------------------------------------------------------------------------
+# build_graph_weekly: a sensor that keeps the weekly time and registers the snapshot keys
+# ----------------------------------------------------------------------------------------------
+
+def test_weekly_tick_is_the_latest_monday_0200_utc():
+    from jobs.snapshots import last_weekly_tick
+
+    utc = dt.timezone.utc
+    assert last_weekly_tick(dt.datetime(2025, 7, 7, 2, 0, tzinfo=utc)) == dt.datetime(2025, 7, 7, 2, 0, tzinfo=utc)
+    assert last_weekly_tick(dt.datetime(2025, 7, 7, 1, 59, tzinfo=utc)) == dt.datetime(2025, 6, 30, 2, 0, tzinfo=utc)
+    assert last_weekly_tick(dt.datetime(2025, 7, 13, 23, 0, tzinfo=utc)) == dt.datetime(2025, 7, 7, 2, 0, tzinfo=utc)
+
+
+def test_snapshot_run_target_spans_the_keys_in_the_partitions_order():
+    from jobs.snapshots import RANGE_END_TAG, RANGE_START_TAG, target
+
+    assert target(["2025-07-01"], ["2025-06-02", "2025-07-01"]) == ("2025-07-01", {})
+    order = ["2025-07-01", "2025-03-03", "2025-06-02"]  # keys as registered, not sorted
+    assert target(["2025-06-02", "2025-03-03"], order) == (None, {RANGE_START_TAG: "2025-03-03", RANGE_END_TAG: "2025-06-02"})
+
+
+def test_weekly_sensor_registers_the_snapshot_keys_and_requests_one_run_on_them(defs, tmp_path, monkeypatch):
+    """No Spark: the keys are planned from the inputs (pandas) and the warehouse's Delta log. The
+    CLI market's cluster experiment starts before the last sales day, so the build needs a snapshot
+    at its start beside the default one; both are registered and targeted by one range run."""
+    from assets.partitions import SNAPSHOT_PARTITIONS_NAME
+    from jobs import snapshots
+    from pipelines.snapshot_plan import plan_snapshots
+    from tests.test_cli import write_market
+
+    root = write_market(tmp_path)
+    plan = plan_snapshots(root, today=dt.date(2025, 7, 1))
+    assert plan.default == dt.date(2025, 7, 1) and plan.for_experiment_starts == [dt.date(2025, 6, 2)]
+    instance = dg.DagsterInstance.ephemeral()
+    sensor = defs.resolve_sensor_def(snapshots.WEEKLY_SENSOR)
+    assert sensor.job_name == "build_graph_job" and sensor.default_status == dg.DefaultSensorStatus.STOPPED
+
+    def evaluate(now: str, cursor: str | None):
+        monkeypatch.setattr(snapshots, "_now", lambda: dt.datetime.fromisoformat(now))
+        resources = {"warehouse": WarehouseResource(data_dir=str(root), today="2025-07-01")}
+        context = dg.build_sensor_context(cursor=cursor, instance=instance, definitions=defs, resources=resources)
+        return sensor.evaluate_tick(context)
+
+    first = evaluate("2025-07-02T10:00:00+00:00", None)  # turned on: waits for the next Monday, as a schedule does
+    assert not first.run_requests and first.cursor == "2025-06-30T02:00:00+00:00"
+    due = evaluate("2025-07-07T02:03:00+00:00", first.cursor)
+    assert [r.partition_keys for r in due.dynamic_partitions_requests] == [plan.keys]
+    request, = due.run_requests
+    assert request.partition_key is None
+    assert (request.tags[snapshots.RANGE_START_TAG], request.tags[snapshots.RANGE_END_TAG]) == (plan.keys[0], plan.keys[-1])
+    assert request.run_key == "build_graph_weekly:2025-07-07T02:00:00+00:00"
+    again = evaluate("2025-07-07T02:08:00+00:00", due.cursor)  # the same week: nothing more
+    assert not again.run_requests and not again.dynamic_partitions_requests
+    # keys already registered are not requested again; a snapshot given by the user is its own key
+    instance.add_dynamic_partitions(SNAPSHOT_PARTITIONS_NAME, plan.keys)
+    build = snapshots.plan_build(instance.get_dynamic_partitions(SNAPSHOT_PARTITIONS_NAME), root, dt.date(2025, 6, 16),
+                                 today=dt.date(2025, 7, 1))
+    assert build.new_keys == ["2025-06-16"] and build.partition_key is None  # 2025-06-02 (experiment start) and 2025-06-16
+    assert build.run_config == {"ops": {"substitution_graph": {"config": {"snapshot_date": "2025-06-16"}}}}
+
+
+def test_a_build_with_no_sales_is_not_started(tmp_path):
+    from pipelines.snapshot_plan import SnapshotPlanError, plan_snapshots
+    from tests.test_cli import write_market
+
+    root = write_market(tmp_path)
+    (root / "input" / "sales" / "history.parquet").unlink()
+    with pytest.raises(SnapshotPlanError, match="substitution_graph: no snapshot date: the sales input is unusable"):
+        plan_snapshots(root)

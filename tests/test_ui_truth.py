@@ -22,6 +22,22 @@ def test_every_asset_has_kinds():
     assert "spark" in kinds["daily_assignments"] and "spark" in kinds["substitution_graph"]
 
 
+def test_snapshots_are_partitions_and_the_assignments_depend_on_every_one():
+    """The graph and clusters share the one `snapshot_date` dynamic partitions definition (one key
+    per snapshot), and the lineage says what is true: an experiment's days and enrolment read the
+    clusters snapshot in force at its start, which may be any snapshot."""
+    from assets.partitions import SNAPSHOT_PARTITIONS
+    from jobs.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    for key in ("substitution_graph", "product_clusters"):
+        assert graph.get(dg.AssetKey(key)).partitions_def == SNAPSHOT_PARTITIONS
+    assert defs.resolve_job_def("build_graph_job").partitions_def == SNAPSHOT_PARTITIONS
+    for downstream in ("daily_assignments", "enrolments"):
+        mapping = graph.get_partition_mapping(dg.AssetKey(downstream), dg.AssetKey("product_clusters"))
+        assert isinstance(mapping, dg.AllPartitionMapping), (downstream, mapping)
+
+
 def test_in_process_runs_carry_the_code_location_label(tmp_path):
     from jobs.runs import REPOSITORY_LABEL, run_tags
 

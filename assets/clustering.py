@@ -47,8 +47,8 @@ def product_clusters(context: dg.AssetExecutionContext, config: ClusteringConfig
     clusters snapshot per partition key, from the graph snapshot of the same key."""
     if config.max_cluster_size < 2:
         raise dg.Failure(f"product_clusters: config max_cluster_size {config.max_cluster_size} must be at least 2")
-    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     days = [d.isoformat() for d in snapshot_days(context, "product_clusters")]
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     graphs = set(warehouse.partitions("substitution_graph", "snapshot_date"))
     missing = [d for d in days if d not in graphs]
     if missing:

@@ -99,11 +99,11 @@ def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig
     power of each block (`substitution_blocks`): one dated snapshot per partition key (a run may
     hold several keys: `pipelines.snapshot_plan` adds one at every accepted experiment start that
     has no snapshot in force). An existing snapshot is reused, never rewritten."""
-    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     if not 0 < config.fdr < 1:
         raise dg.Failure(f"substitution_graph: config fdr {config.fdr!r} is not a rate strictly between 0 and 1")
     days = snapshot_days(context, "substitution_graph")
     check_snapshot_date(config, days)
+    spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
     reused = {}
     progress = Progress("substitution graph", len(days), "snapshot(s)", context.log.info)
     for day in days:

@@ -24,6 +24,7 @@ from pipelines import experiments, report, simulation  # noqa: E402
 from jobs import settings  # noqa: E402
 from jobs.resources import spark_from_environment, warehouse_from_environment  # noqa: E402
 from jobs.snapshots import prepare_graph_build  # noqa: E402
+from pipelines.snapshot_plan import SnapshotPlanError  # noqa: E402
 
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
@@ -64,7 +65,10 @@ def main() -> int:
         _step(f"using the existing inputs in {warehouse.input_dir}", started)
     instance = dg.DagsterInstance.get()
 
-    build = prepare_graph_build(instance, warehouse.root, today=settings.today(), tables_url=warehouse.tables_url)  # registers the snapshot keys
+    try:  # the snapshot partition keys are worked out (no Spark) and registered before the run
+        build = prepare_graph_build(instance, warehouse.root, today=settings.today(), tables_url=warehouse.tables_url)
+    except SnapshotPlanError as error:
+        raise SystemExit(f"build_graph_job not started: {error}") from None
     _step(f"build_graph_job: inputs, data-quality checks, substitution graph, clusters; {build.describe()[0]}", started)
     _run("build_graph_job", instance, build.tags, build.partition_key)
 

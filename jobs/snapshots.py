@@ -50,13 +50,29 @@ class GraphBuild:
         return lines
 
 
+def _is_day(key: str) -> bool:
+    try:
+        dt.date.fromisoformat(key)
+    except ValueError:
+        return False
+    return True
+
+
 def target(keys: list[str], order: list[str]) -> tuple[str | None, dict[str, str]]:
     """(partition key, no tags) for one key; (None, range tags) spanning `keys` in `order` (the
-    dynamic partitions' order, the keys already in it) for several."""
+    dynamic partitions' order, the keys already in it) for several. A range that would span a key
+    that is not a date (added by hand in the UI) is refused in one line: the run would fail on it."""
     if len(keys) == 1:
         return keys[0], {}
     positions = sorted(order.index(k) for k in keys)
-    return None, {RANGE_START_TAG: order[positions[0]], RANGE_END_TAG: order[positions[-1]]}
+    spanned = order[positions[0]: positions[-1] + 1]
+    foreign = [k for k in spanned if not _is_day(k)]
+    if foreign:
+        raise SnapshotPlanError(
+            f"snapshot partition {foreign[0][:40]!r} is not a date YYYY-MM-DD and lies between this build's keys "
+            f"({', '.join(keys)}): delete it (UI: substitution_graph, Partitions) and build again"
+        )
+    return None, {RANGE_START_TAG: spanned[0], RANGE_END_TAG: spanned[-1]}
 
 
 def plan_build(existing_keys: list[str], data_dir, snapshot_date: dt.date | None = None, today: dt.date | None = None,

@@ -251,3 +251,18 @@ def test_run_level_knobs_are_launchpad_config_with_the_library_defaults(tmp_path
         refused = _materialize(tmp_path, [op], run_config={"ops": {op: {"config": config}}}, **key)
         failures = [e.event_specific_data.error.message for e in refused.all_events if e.is_step_failure]
         assert not refused.success and any(message in f for f in failures), failures
+
+
+
+def test_a_snapshot_key_or_date_the_run_cannot_build_is_refused_in_one_line(tmp_path):
+    """A snapshot partition added by hand in the UI must be a date; a launchpad snapshot_date must
+    be one of the run's keys. Both fail before any work."""
+    cases = (
+        ("product_clusters", {"partition_key": "2025-13-01"}, "product_clusters: snapshot partition '2025-13-01' is not a date YYYY-MM-DD"),
+        ("substitution_graph", {"partition_key": "2025-06-02", "run_config": {"ops": {"substitution_graph": {"config": {"snapshot_date": "2025-06-09"}}}}},
+         "substitution_graph: config snapshot_date 2025-06-09 is not among this run's snapshot partitions (2025-06-02)"),
+    )
+    for op, kwargs, message in cases:
+        refused = _materialize(tmp_path, [op], **kwargs)
+        failures = [e.event_specific_data.error.message for e in refused.all_events if e.is_step_failure]
+        assert not refused.success and any(message in f for f in failures), failures

@@ -196,10 +196,13 @@ def test_weekly_tick_is_the_latest_monday_0200_utc():
 
 def test_snapshot_run_target_spans_the_keys_in_the_partitions_order():
     from jobs.snapshots import RANGE_END_TAG, RANGE_START_TAG, target
+    from pipelines.snapshot_plan import SnapshotPlanError
 
     assert target(["2025-07-01"], ["2025-06-02", "2025-07-01"]) == ("2025-07-01", {})
     order = ["2025-07-01", "2025-03-03", "2025-06-02"]  # keys as registered, not sorted
     assert target(["2025-06-02", "2025-03-03"], order) == (None, {RANGE_START_TAG: "2025-03-03", RANGE_END_TAG: "2025-06-02"})
+    with pytest.raises(SnapshotPlanError, match="snapshot partition 'oops' is not a date YYYY-MM-DD and lies between"):
+        target(["2025-07-01", "2025-06-02"], ["2025-07-01", "oops", "2025-06-02"])
 
 
 def test_weekly_sensor_registers_the_snapshot_keys_and_requests_one_run_on_them(defs, tmp_path, monkeypatch):

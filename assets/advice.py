@@ -33,7 +33,7 @@ def _latest(warehouse, spark, table: str, columns: list[str]) -> pd.DataFrame | 
 
 @dg.asset(
     group_name="advice",
-    deps=["catalog", "sales", "trigger_events", "substitution_graph", "product_clusters", "daily_assignments"],
+    deps=["proposal_files", "catalog", "sales", "trigger_events", "substitution_graph", "product_clusters", "daily_assignments"],
     required_resource_keys={"spark", "warehouse"},
     check_specs=[dg.AssetCheckSpec(PROPOSAL_FILES_VALID, asset="design_advice", description="warns when a proposal file was refused")],
 )

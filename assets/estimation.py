@@ -22,7 +22,7 @@ def experiment_sales_asset(sales_writers: tuple[str, ...] = ()) -> dg.AssetsDefi
         name="experiment_sales",
         group_name="results",
         kinds=DELTA_TABLE,
-        deps=["daily_assignments", "catalog", *sales_writers],
+        deps=["sales_files", "daily_assignments", "catalog", *sales_writers],
         required_resource_keys={"spark", "warehouse"},
         check_specs=sales_check_specs("experiment_sales"),
     )(_experiment_sales)

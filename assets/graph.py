@@ -92,7 +92,7 @@ def experiment_starts(spark, warehouse) -> list[dt.date]:
 
 @dg.asset(
     kinds=DELTA_TABLE, group_name="graph", partitions_def=SNAPSHOT_PARTITIONS, backfill_policy=dg.BackfillPolicy.single_run(),
-    deps=["sales", "catalog", "experiments"], required_resource_keys={"spark", "warehouse"},
+    deps=["sales", "catalog", "experiments", "related_pairs_files"], required_resource_keys={"spark", "warehouse"},
 )
 def substitution_graph(context: dg.AssetExecutionContext, config: SnapshotConfig) -> dg.MaterializeResult:
     """Edges (src, dst, weight, corr, n_days, evidence) between substitutes, and the evidence and

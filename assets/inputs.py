@@ -22,6 +22,27 @@ SALES_CONTRACT = "sales_contract"
 SALES_REFUSED_ROWS = "sales_refused_rows"
 EXPERIMENT_FILES_VALID = "experiment_files_valid"
 
+# The folders of `$PRICELAB_DATA_DIR/input/` that assets read, as external assets: pricelab never
+# materialises them (the retailer's feeds drop the files), but declaring them makes the UI's
+# lineage say which asset reads which files -- e.g. that `experiment_sales` reads the sales feed
+# itself, new daily drops included, not the `sales` table the weekly graph build refreshes.
+INPUT_FILES_GROUP = "input_files"
+
+
+def _input_files(key: str, where: str, what: str) -> dg.AssetSpec:
+    return dg.AssetSpec(key=key, group_name=INPUT_FILES_GROUP, description=f"`input/{where}`: {what} (external: landed by a feed)")
+
+
+CATALOG_FILES = _input_files("catalog_files", "catalog.*", "the product catalogue")
+SALES_FILES = _input_files("sales_files", "sales/", "daily sales files, the history and each new day's drop")
+TRIGGER_EVENT_FILES = _input_files("trigger_event_files", "trigger_events.*", "dated outside events")
+EXPERIMENT_FILES = _input_files("experiment_files", "experiments/*.yaml", "one experiment per file")
+RELATED_PAIRS_FILES = _input_files("related_pairs_files", "related_pairs.*", "optional product pairs known to be related")
+PROPOSAL_FILES = _input_files("proposal_files", "proposals/*.yaml", "experiment proposals for the design advisor")
+# by the name of what is read under input/ (a file stem or a folder)
+INPUT_FILES = {"catalog": CATALOG_FILES, "sales": SALES_FILES, "trigger_events": TRIGGER_EVENT_FILES,
+               "experiments": EXPERIMENT_FILES, "related_pairs": RELATED_PAIRS_FILES, "proposals": PROPOSAL_FILES}
+
 
 def _log_refusals(context, name: str, counts: dict, examples: list, refused_files: list) -> None:
     for message in refused_files:
@@ -35,6 +56,7 @@ def _log_refusals(context, name: str, counts: dict, examples: list, refused_file
 @dg.asset(
     group_name="inputs",
     kinds=DELTA_TABLE,
+    deps=[CATALOG_FILES],
     required_resource_keys={"spark", "warehouse"},
     check_specs=[
         dg.AssetCheckSpec(CATALOG_CONTRACT, asset="catalog", blocking=True, description="GX: keys present and unique"),
@@ -97,7 +119,7 @@ def load_checked_sales(context, asset: str) -> tuple[inputs.LoadedInput, list[dg
 @dg.asset(
     group_name="inputs",
     kinds=DELTA_TABLE,
-    deps=[catalog],
+    deps=[catalog, SALES_FILES],
     required_resource_keys={"spark", "warehouse"},
     check_specs=sales_check_specs("sales"),
 )
@@ -124,7 +146,7 @@ def sales(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(kinds=DELTA_TABLE, group_name="inputs", required_resource_keys={"spark", "warehouse"})
+@dg.asset(kinds=DELTA_TABLE, group_name="inputs", deps=[TRIGGER_EVENT_FILES], required_resource_keys={"spark", "warehouse"})
 def trigger_events(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Dated outside events (e.g. a competitor's discount) that start triggered experiments."""
     spark, warehouse = context.resources.spark.session(), context.resources.warehouse.get()
@@ -143,7 +165,7 @@ def trigger_events(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 @dg.asset(
     group_name="inputs",
     kinds=DELTA_TABLE,
-    deps=[catalog],
+    deps=[catalog, EXPERIMENT_FILES],
     required_resource_keys={"spark", "warehouse"},
     check_specs=[
         dg.AssetCheckSpec(EXPERIMENT_FILES_VALID, asset="experiments", description="warns when a file was refused"),

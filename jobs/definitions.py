@@ -17,6 +17,12 @@ from jobs.snapshots import BUILD_GRAPH_JOB, build_graph_weekly
 # What each asset runs on and is stored as, shown as `kinds` in the UI (one place for all).
 TABLE_FORMAT = "delta"  # as assets.kinds.DELTA_TABLE says on the tables the warehouse stores
 ASSET_KINDS = {
+    "catalog_files": {"parquet", "csv"},
+    "sales_files": {"parquet", "csv"},
+    "trigger_event_files": {"parquet", "csv"},
+    "related_pairs_files": {"parquet", "csv"},
+    "experiment_files": {"yaml"},
+    "proposal_files": {"yaml"},
     "catalog": {"spark", TABLE_FORMAT},
     "sales": {"spark", TABLE_FORMAT, "great_expectations"},
     "trigger_events": {"spark", TABLE_FORMAT},
@@ -45,7 +51,7 @@ def with_kinds(assets_defs: list) -> list:
     return [add(a) if isinstance(a, dg.AssetSpec) else a.map_asset_specs(add) for a in assets_defs]
 
 
-INPUT_AND_GRAPH_ASSETS = with_kinds(dg.load_assets_from_modules([inputs, graph, clustering]))
+INPUT_AND_GRAPH_ASSETS = with_kinds([*inputs.INPUT_FILES.values(), *dg.load_assets_from_modules([inputs, graph, clustering])])
 # The daily partitions start from the data directory's experiments (or PRICELAB_PARTITIONS_START).
 DAILY_PARTITIONS = daily_partitions_for(settings.data_dir(), settings.partitions_start())
 ASSIGNMENT_ASSETS = with_kinds([assignments.ENROLMENTS, assignments.daily_assignments_asset(DAILY_PARTITIONS)])

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
 
+import pipelines.advisor
+import pipelines.experiments
+import pipelines.inputs
 from assets import estimation
+from assets.inputs import INPUT_FILES
 from jobs.definitions import build_definitions
 from jobs.resources import SparkResource, WarehouseResource
 from pipelines.estimation import HPTEEstimator
@@ -90,6 +95,21 @@ def table_access(monkeypatch):
         spy(name, reads)
     for name in ("write", "write_partitions"):
         spy(name, writes)
+
+    def spy_inputs(module, name, input_name):  # a read of input/<name>: the feed's files
+        original = getattr(module, name)
+
+        def recorded(*args, **kwargs):
+            keys = step_keys()
+            if keys is not None:
+                reads.append((keys, f"input/{input_name(*args, **kwargs)}"))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recorded)
+
+    spy_inputs(pipelines.inputs, "input_listing", lambda data_dir, name: name)
+    for module in (pipelines.experiments, pipelines.advisor):
+        spy_inputs(module, "experiment_file_paths", lambda directory: Path(directory).name)
     return reads, writes
 
 
@@ -98,7 +118,7 @@ def lineage_violations(reads, writes, asset_graph) -> list[str]:
     assets. A table named as an asset is that asset's; any other (a side table such as
     substitution_blocks or quarantine/sales) belongs to the step that wrote it in the run."""
     names = {k.to_user_string() for k in asset_graph.get_all_asset_keys()}
-    owner = {}
+    owner = {f"input/{name}": spec.key.to_user_string() for name, spec in INPUT_FILES.items()}
     for keys, table in writes:
         owner.setdefault(table, table if table in names else min(keys))
     found = set()
@@ -204,11 +224,13 @@ def test_a_bad_experiment_file_is_refused_alone(spark, tiny_market, tmp_path):
 def test_lineage_check_names_an_undeclared_read():
     graph_ = build_definitions(demo=True).resolve_asset_graph()
     writes = [(frozenset({"catalog"}), "catalog"), (frozenset({"substitution_graph"}), "substitution_blocks")]
-    declared = [(frozenset({"experiment_report"}), "substitution_blocks"), (frozenset({"experiments"}), "experiment_registry")]
+    declared = [(frozenset({"experiment_report"}), "substitution_blocks"), (frozenset({"experiments"}), "experiment_registry"),
+                (frozenset({"experiment_sales"}), "input/sales"), (frozenset({"substitution_graph"}), "input/related_pairs")]
     assert lineage_violations(declared, writes, graph_) == []
-    undeclared = [(frozenset({"experiment_report"}), "catalog")]
+    undeclared = [(frozenset({"experiment_report"}), "catalog"), (frozenset({"first_differences"}), "input/sales")]
     assert lineage_violations(undeclared, writes, graph_) == [
-        "experiment_report reads catalog (written by catalog) but does not declare catalog upstream"]
+        "experiment_report reads catalog (written by catalog) but does not declare catalog upstream",
+        "first_differences reads input/sales (written by sales_files) but does not declare sales_files upstream"]
 
 
 def test_demo_steps_wait_for_the_simulator():

@@ -62,6 +62,7 @@ FIRST_DIFFERENCE_SCHEMA = T.StructType(
         # every back-test window's placebo per candidate, candidate-major (n_candidates x windows)
         T.StructField("candidate_placebo_windows", T.ArrayType(T.DoubleType())),
         T.StructField("candidate_carryover", T.ArrayType(T.DoubleType())),
+        T.StructField("candidate_carryover_variance", T.ArrayType(T.DoubleType())),
         # regression-adjustment covariates and design details
         T.StructField("recent_mean", T.DoubleType()),
         T.StructField("placebo", T.DoubleType()),
@@ -69,6 +70,7 @@ FIRST_DIFFERENCE_SCHEMA = T.StructType(
         T.StructField("recent_gap", T.DoubleType()),
         T.StructField("sequence", T.StringType()),
         T.StructField("carryover_difference", T.DoubleType()),
+        T.StructField("carryover_variance", T.DoubleType()),  # its sampling variance, from the product's own days
         T.StructField("after_treated_share", T.DoubleType()),
         T.StructField("known_factors", T.StringType()),
         # issue 16: the metric of this row, and the observed mean of the metric on the product's
@@ -312,13 +314,22 @@ def _after_treated(window_days: np.ndarray, all_days: np.ndarray, all_treated: n
     return known, previous_treated
 
 
-def _carryover_difference(residual: np.ndarray, role: np.ndarray, known: np.ndarray, previous_treated: np.ndarray) -> float:
-    """Mean residual of control days right after a treated day minus control days after a control day."""
+def _carryover_difference(residual: np.ndarray, role: np.ndarray, known: np.ndarray,
+                          previous_treated: np.ndarray) -> tuple[float, float]:
+    """Mean residual of control days right after a treated day minus control days after a control
+    day, and that difference's sampling variance (pooled within-group variance of the two sets of
+    days; `carryover_check` weights products by it)."""
     control = role == 0
     after_treated, after_control = control & known & previous_treated, control & known & ~previous_treated
-    if not after_treated.any() or not after_control.any():
-        return np.nan
-    return float(residual[after_treated].mean() - residual[after_control].mean())
+    n_t, n_c = int(after_treated.sum()), int(after_control.sum())
+    if not n_t or not n_c:
+        return np.nan, np.nan
+    first, second = residual[after_treated], residual[after_control]
+    variance = np.nan
+    if n_t + n_c > 2:
+        within = (((first - first.mean()) ** 2).sum() + ((second - second.mean()) ** 2).sum()) / (n_t + n_c - 2)
+        variance = float(within * (1 / n_t + 1 / n_c))
+    return float(first.mean() - second.mean()), variance
 
 
 def _known_factor_columns(panel: pd.DataFrame, in_window: np.ndarray, settings: CounterfactualSettings):
@@ -491,6 +502,7 @@ def product_first_difference(
     cutoffs = list(range(CUMULATIVE_STEP_DAYS, window_span, CUMULATIVE_STEP_DAYS)) + [window_span]
     cumulative = np.full((n_candidates, len(cutoffs)), np.nan)
     fd, carry = np.full(n_candidates, np.nan), np.full(n_candidates, np.nan)
+    carry_variance = np.full(n_candidates, np.nan)
     backtest = np.full((n_candidates, settings.backtest_windows), np.nan)  # placebo first difference per window
     rule_prediction, rule_trend = None, 0.0
     for k, name in enumerate(COUNTERFACTUALS):
@@ -507,10 +519,11 @@ def product_first_difference(
         if name == "trend+seasonality":
             rule_prediction, rule_trend = predicted, trend
         if switchback:
-            carry[k] = _carryover_difference(residual, window_role, known_previous, previous_treated)
+            carry[k], carry_variance[k] = _carryover_difference(residual, window_role, known_previous, previous_treated)
         backtest[k] = _backtest_statistics(candidates, name, pre_days, origin, span, role_by_offset, backtest_shapes,
                                            backtest_pre, window_shape, switchback)
     placebo, error = _with_blend(fd, carry, cumulative, backtest)
+    carry_variance[COUNTERFACTUALS.index("blend")] = carry_variance[[COUNTERFACTUALS.index(n) for n in BLENDED]].mean()
     if rule_prediction is None or not np.isfinite(fd[0]):
         return _empty_first_difference()
     first_window = panel.loc[used].iloc[0]
@@ -545,12 +558,14 @@ def product_first_difference(
                 "candidate_placebo": placebo.tolist(),
                 "candidate_placebo_windows": backtest.ravel().tolist(),
                 "candidate_carryover": carry.tolist(),
+                "candidate_carryover_variance": carry_variance.tolist(),
                 "recent_mean": float(adj_pre[recent].mean()),
                 "placebo": float(placebo[0]),
                 "placebo_windows": backtest[0].tolist(),
                 "recent_gap": np.nan,
                 "sequence": sequence,
                 "carryover_difference": float(carry[0]),
+                "carryover_variance": float(carry_variance[0]),
                 "after_treated_share": after_treated_share if switchback else np.nan,
                 "known_factors": ",".join(names),
                 "metric": str(panel["metric"].iloc[0]) if "metric" in panel.columns else "",
@@ -610,7 +625,8 @@ def choose_counterfactual(first_differences: pd.DataFrame) -> pd.DataFrame:
             placebo_windows=list(windows[np.arange(len(rows)), take]),
             cumulative_fd=cumulative,
             recent_gap=np.where(np.isfinite(recent), chosen_fd - recent, 0.0),
-            carryover_difference=pick("candidate_carryover"), backtest_error=error[np.arange(len(rows)), take],
+            carryover_difference=pick("candidate_carryover"), carryover_variance=pick("candidate_carryover_variance"),
+            backtest_error=error[np.arange(len(rows)), take],
             counterfactual=np.where(take == best, COUNTERFACTUALS[best], COUNTERFACTUALS[0]),
         ))
     return pd.concat(out).loc[first_differences.index]
@@ -1136,28 +1152,45 @@ def carryover_check(fd: pd.DataFrame, z: float = 1.96, blocks: BootstrapBlocks |
 
     Per product, `carryover_difference` is the mean residual of control days right after a
     treated day minus that of control days after a control day: zero without carryover, the
-    leftover of the effect with it. Averaged over randomisation units (SE from their spread);
-    flagged when its 95% interval excludes zero. With `blocks` (`BootstrapBlocks` over substitute
-    clusters) the average is over blocks, for the same reason as the effect's bootstrap. `carryover_bias` estimates what it does to the
-    effect: minus the estimate times the share of analysed control days that follow a treated
-    day (lag one only, so a lower bound for slowly decaying carryover). NaN (no flag) for
+    leftover of the effect with it. What a treated day leaves behind scales with the product's
+    effect in units, hence with its level, while the difference's noise is the product's own
+    (`carryover_variance`). So carryover is modelled as a share rho of each product's
+    counterfactual level and rho is estimated by weighted least squares, weight 1 / variance: the
+    most powerful test of rho = 0 under that model (equal weights lost a quarter of the power in
+    the simulator's worlds; see issue 18's note). Its SE is cluster-robust over randomisation
+    units, or over `blocks` (`BootstrapBlocks` over substitute clusters), whose products' draws
+    are not independent. Flagged when |rho| > z SE. `carryover_estimate` is rho times the mean
+    level (the average carryover in units if the model holds); `carryover_bias` estimates what it
+    does to the effect: minus that times the share of analysed control days that follow a
+    treated day (lag one only, so a lower bound for slowly decaying carryover). NaN (no flag) for
     between designs, and where blackout days leave no control day right after a treated one.
+    First differences without `carryover_variance` get equal weights.
     """
     empty = {"carryover_estimate": np.nan, "carryover_se": np.nan, "carryover_flag": False, "carryover_bias": np.nan}
     if "carryover_difference" not in fd.columns or not (fd["arm"] == "switchback").any():
         return empty
     rows = fd[np.isfinite(fd["carryover_difference"].to_numpy(float))]
-    if rows["unit_id"].nunique() < 3:
-        return empty
-    level = rows["unit_id"].astype(str)
+    level = np.clip(rows["counterfactual_mean"].to_numpy(float), 0.0, None) if "counterfactual_mean" in rows.columns else np.ones(len(rows))
+    variance = rows["carryover_variance"].to_numpy(float) if "carryover_variance" in rows.columns else np.ones(len(rows))
+    usable = np.isfinite(level) & np.isfinite(variance)
+    rows, level, variance = rows[usable], level[usable], variance[usable]
+    cluster = rows["unit_id"].astype(str).to_numpy()
     if blocks is not None and blocks.blocks is not None:
-        level = pd.Series(blocks.blocks, index=fd.index)[rows.index]
-    per_unit = rows.groupby(level.to_numpy())["carryover_difference"].mean()
-    estimate = float(per_unit.mean())
-    se = float(per_unit.std(ddof=1) / np.sqrt(len(per_unit)))
+        cluster = pd.Series(blocks.blocks, index=fd.index)[rows.index].to_numpy()
+    n_clusters = len(np.unique(cluster))
+    if n_clusters < 3 or not (level > 0).any():
+        return empty
+    # a floor, so that a product whose control days barely vary cannot take all the weight
+    weight = level / np.maximum(variance, 0.05 * np.median(variance[variance > 0]) if (variance > 0).any() else 1.0)
+    c = rows["carryover_difference"].to_numpy(float)
+    information = float((weight * level).sum())
+    rho = float((weight * c).sum() / information)
+    score = pd.Series(weight * (c - rho * level)).groupby(cluster).sum().to_numpy()
+    rho_se = float(np.sqrt((score ** 2).sum() * n_clusters / (n_clusters - 1)) / information)
+    mean_level = float(level.mean())
     share = float(rows["after_treated_share"].mean()) if "after_treated_share" in rows.columns else np.nan
-    return {"carryover_estimate": estimate, "carryover_se": se, "carryover_flag": bool(abs(estimate) > z * se),
-            "carryover_bias": -estimate * share}
+    return {"carryover_estimate": rho * mean_level, "carryover_se": rho_se * mean_level,
+            "carryover_flag": bool(abs(rho) > z * rho_se), "carryover_bias": -rho * mean_level * share}
 
 
 def analysed_rows(fd: pd.DataFrame, values: np.ndarray, groups: np.ndarray, blocks: "BootstrapBlocks") -> pd.DataFrame:

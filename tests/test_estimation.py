@@ -468,6 +468,38 @@ def test_carryover_check_finds_planted_carryover_and_not_its_absence():
     assert flags == {0.0: False, 0.4: True}
 
 
+def test_carryover_check_weights_products_by_level_over_noise():
+    """Levels from 2 to 200 units a day with Poisson noise, carryover a third of each product's own
+    effect (20% of its level): the weighted check flags it and recovers the average carryover;
+    with none planted it does not flag."""
+    flags = {}
+    for share in (0.0, 1 / 3):
+        rng = np.random.default_rng(23)
+        days = [START - dt.timedelta(days=PRE_DAYS) + dt.timedelta(days=i) for i in range(PRE_DAYS + WINDOW_DAYS)]
+        sales, assignments, planted = [], [], []
+        for p in range(150):
+            level = float(np.exp(rng.uniform(np.log(2), np.log(200))))
+            previous = False
+            for d in days:
+                in_window = d >= START
+                treated = in_window and rng.random() < 0.5
+                mean = level * (1.2 if treated else (1 + 0.2 * share if previous else 1.0))
+                sales.append((f"P{p:03d}", d, 10.0, float(rng.poisson(mean))))
+                if in_window:
+                    assignments.append((d, "e", f"P{p:03d}", f"P{p:03d}", "treatment" if treated else "control", False,
+                                        -0.1 if treated else 0.0))
+                previous = treated
+            planted.append(0.2 * share * level)
+        sales = pd.DataFrame(sales, columns=["product_id", "date", "price", "units"])
+        assignments = pd.DataFrame(assignments, columns=["date", "experiment", "product_id", "unit_id", "arm", "blackout", "price_change"])
+        fd = estimation.first_differences_pandas(sales, assignments, {"e": "random_days"})
+        assert np.isfinite(fd["carryover_variance"]).all() and (fd["carryover_variance"] > 0).all()
+        check = estimation.carryover_check(fd)
+        flags[share] = check["carryover_flag"]
+        assert abs(check["carryover_estimate"] - np.mean(planted)) < 3 * check["carryover_se"], (check, np.mean(planted))
+    assert flags == {0.0: False, 1 / 3: True}
+
+
 def test_counterfactual_back_test_picks_the_recent_level_under_a_drift():
     """Products whose level random-walks: the back-test prefers a recent level to a year-long fit,
     the choice is per pool, and the chosen candidate's first difference is the one used."""

@@ -1147,6 +1147,9 @@ def t_interval(effect: float, se: float, df: float, alpha: float) -> tuple[float
     return float(effect - q * se), float(effect + q * se)
 
 
+_Z_80 = 0.8416  # the standard normal's 80% quantile: 80% power
+
+
 def carryover_check(fd: pd.DataFrame, z: float = 1.96, blocks: BootstrapBlocks | None = None) -> dict:
     """Carryover of a switchback experiment from its own data (lag one).
 
@@ -1162,11 +1165,14 @@ def carryover_check(fd: pd.DataFrame, z: float = 1.96, blocks: BootstrapBlocks |
     are not independent. Flagged when |rho| > z SE. `carryover_estimate` is rho times the mean
     level (the average carryover in units if the model holds); `carryover_bias` estimates what it
     does to the effect: minus that times the share of analysed control days that follow a
-    treated day (lag one only, so a lower bound for slowly decaying carryover). NaN (no flag) for
+    treated day (lag one only, so a lower bound for slowly decaying carryover).
+    `carryover_detectable` is the carryover (in units, either sign) the flag would catch with 80%
+    power: a flag that does not fire says only that carryover is likely below it. NaN (no flag) for
     between designs, and where blackout days leave no control day right after a treated one.
     First differences without `carryover_variance` get equal weights.
     """
-    empty = {"carryover_estimate": np.nan, "carryover_se": np.nan, "carryover_flag": False, "carryover_bias": np.nan}
+    empty = {"carryover_estimate": np.nan, "carryover_se": np.nan, "carryover_flag": False, "carryover_bias": np.nan,
+             "carryover_detectable": np.nan}
     if "carryover_difference" not in fd.columns or not (fd["arm"] == "switchback").any():
         return empty
     rows = fd[np.isfinite(fd["carryover_difference"].to_numpy(float))]
@@ -1190,7 +1196,8 @@ def carryover_check(fd: pd.DataFrame, z: float = 1.96, blocks: BootstrapBlocks |
     mean_level = float(level.mean())
     share = float(rows["after_treated_share"].mean()) if "after_treated_share" in rows.columns else np.nan
     return {"carryover_estimate": rho * mean_level, "carryover_se": rho_se * mean_level,
-            "carryover_flag": bool(abs(rho) > z * rho_se), "carryover_bias": -rho * mean_level * share}
+            "carryover_flag": bool(abs(rho) > z * rho_se), "carryover_bias": -rho * mean_level * share,
+            "carryover_detectable": (z + _Z_80) * rho_se * mean_level}
 
 
 def analysed_rows(fd: pd.DataFrame, values: np.ndarray, groups: np.ndarray, blocks: "BootstrapBlocks") -> pd.DataFrame:
@@ -1896,6 +1903,7 @@ RESULT_COLUMNS = [
     "carryover_se",
     "carryover_flag",
     "carryover_bias",
+    "carryover_detectable",
 ]
 
 

@@ -29,7 +29,7 @@ def results_table(
     # precision and carryover, when the results have them: the counterfactual the back-test chose,
     # the variance the regression adjustment removed, and the switchback carryover check
     columns += [c for c in ("counterfactual", "variance_reduction", "carryover_estimate", "carryover_flag",
-                            "carryover_bias") if c in results.columns]
+                            "carryover_bias", "carryover_detectable") if c in results.columns]
     table = results[columns].copy()
     if "carryover_flag" in table.columns:  # a flag reads "flagged" or nothing; a bare "NO" reads like a failed check
         flagged = table["carryover_flag"].astype("boolean").fillna(False).astype(bool)
@@ -159,16 +159,26 @@ def _graph_power_section(graph_power: dict | None) -> list[str]:
 
 
 def _carryover_section(table: pd.DataFrame) -> list[str]:
-    """Switchback experiments whose own data flag carryover, and the size of its bias."""
-    if "carryover_flag" not in table.columns or not table["carryover_flag"].fillna(False).astype(bool).any():
+    """Switchback experiments whose own data flag carryover and the size of its bias; for the
+    others that were checked, the carryover the check could have missed."""
+    if "carryover_flag" not in table.columns:
         return []
-    flagged = table[table["carryover_flag"].fillna(False).astype(bool)].drop_duplicates("experiment")
-    return ["## Carryover", ""] + [
+    flag = table["carryover_flag"].fillna(False).astype(str).isin(["True", "flagged"])
+    flagged = table[flag].drop_duplicates("experiment")
+    lines = [
         f"- `{r.experiment}` ({r.design}): control days right after a treated day differ by "
         f"{r.carryover_estimate:+.3f} from those after a control day; its estimates are biased by about "
         f"{r.carryover_bias:+.3f} (lag one only). Add blackout days or read the estimate as a lower bound."
         for r in flagged.itertuples()
-    ] + [""]
+    ]
+    if "carryover_detectable" in table.columns:
+        quiet = table[~flag & table["carryover_detectable"].notna() & ~table["experiment"].isin(flagged["experiment"])]
+        lines += [
+            f"- `{r.experiment}` ({r.design}): no carryover flagged, but carryover up to about "
+            f"{r.carryover_detectable:.3f} a day either way would have gone unseen one time in five."
+            for r in quiet.drop_duplicates("experiment").itertuples()
+        ]
+    return ["## Carryover", ""] + lines + [""] if lines else []
 
 
 def report_markdown(

@@ -53,6 +53,11 @@ def test_report_names_the_counterfactual_and_flags_carryover():
     text = report.report_markdown(table, {}, "2026-02-15")
     assert "## Carryover" in text and "`by-product` (random_days)" in text and "-0.400" in text
     assert "by-cluster` (" not in text.split("## Carryover")[1]  # not flagged, not listed
+    quiet = results.assign(carryover_flag=[False, False], carryover_detectable=[0.55, float("nan")])
+    text = report.report_markdown(report.results_table(quiet), {}, "2026-02-15")
+    carry = text.split("## Carryover")[1]
+    assert "`by-product` (random_days): no carryover flagged" in carry and "0.550" in carry  # what it could miss
+    assert "by-cluster` (" not in carry
 
 
 def test_report_says_what_the_graph_could_see():

@@ -28,7 +28,7 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-from joblib import effective_n_jobs
+from joblib import Parallel, delayed, effective_n_jobs
 from scipy import sparse
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
@@ -1337,6 +1337,9 @@ class DiDEstimator(_EffectEstimator):
 
 PRE_PERIOD_FEATURES = ("pre_mean", "pre_sd", "pre_trend", "n_pre_days", "counterfactual_mean")
 CATALOG_KEY_COLUMNS = ("product_id", "category", "subclass")  # not attributes (contract v1)
+# forests grown on more rows x trees than this (summed over folds) grow in parallel processes
+# (`HPTEEstimator._forest_leaves`); below it a worker's start (it imports econml: seconds) would cost more than it saves
+FOREST_PROCESSES_MIN_ROW_TREES = 5_000_000
 _LEAF_STRIDE = 1 << 32  # global leaf id = (fold * n_estimators + tree) * stride + node id
 MAX_ONE_HOT_LEVELS = 20  # a categorical attribute keeps its most frequent levels, the rest is 'other'
 
@@ -1467,6 +1470,20 @@ def _leaf_weighted_effect(s_t, n_t, s_c, n_c, switchback: bool) -> tuple[np.ndar
     return effect, difference, weight
 
 
+def _grown_fold(params: dict, x_grow: np.ndarray, treatment_grow: np.ndarray, y_grow: np.ndarray,
+                x_apply: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One fold's honest causal forest (`econml.grf.CausalForest(**params)`), grown on the other
+    folds' products: the leaf of each of the fold's products in every tree, and the forest's
+    feature importances. Module level, so a process pool can run it (`HPTEEstimator._forest_leaves`)."""
+    from econml.grf import CausalForest
+
+    forest = CausalForest(**params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        forest.fit(x_grow, treatment_grow, y_grow)
+        return forest.apply(x_apply), forest.feature_importances_
+
+
 class HPTEEstimator(_EffectEstimator):
     """Heterogeneous panel treatment effect (DESIGN.md, steps 2-4) on detrended first differences.
 
@@ -1522,9 +1539,10 @@ class HPTEEstimator(_EffectEstimator):
     trim_sd : float or None, default 4.0
         Only values beyond this many robust sd from the arm's median are trimmed.
     n_jobs : int or None, default -1
-        Threads for growing the forests and for the leaf bootstrap (-1: every core, as econml's
-        forests default to). The figures do not depend on it: each tree has its own seed and
-        each bootstrap chunk its own draws.
+        Workers for growing the forests and for the leaf bootstrap (-1: every core, as econml's
+        forests default to): large forests (`FOREST_PROCESSES_MIN_ROW_TREES`) grow one fold per
+        process, the bootstrap runs on threads. The figures do not depend on it: each tree has
+        its own seed and each bootstrap chunk its own draws.
 
     Examples
     --------
@@ -1569,35 +1587,42 @@ class HPTEEstimator(_EffectEstimator):
 
     def _forest_leaves(self, x: np.ndarray, treatment: np.ndarray, y: np.ndarray, folds: np.ndarray,
                        switchback: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Per product and tree: the leaf (a global column id) of the forest grown without its fold."""
-        from econml.grf import CausalForest
+        """Per product and tree: the leaf (a global column id) of the forest grown without its fold.
 
+        With `n_jobs` > 1 the folds' forests grow at once in separate processes (`_grown_fold`):
+        econml grows a forest's trees on threads, but its tree builder keeps the GIL for most of
+        the work (on 2 cores, n_jobs=2 grew 16 trees on 50,000 rows no faster than n_jobs=1,
+        with no more CPU time), so one forest at a time used about one core. The trees are the
+        same either way (each forest's seed is random_state + fold, each tree's seed is drawn from it)."""
         leaves = np.zeros((len(y), self.n_estimators), dtype=np.int64)
-        importances = []
+        grown = []  # (fold, rows the fold's forest is applied to, rows it grows on)
         for fold in range(self.n_folds):
             apply_to, grow_on = folds == fold, folds != fold
             if not apply_to.any():
                 continue
-            forest = CausalForest(
-                n_estimators=self.n_estimators,
-                min_samples_leaf=self.min_samples_leaf,
-                honest=True,
-                inference=False,
-                fit_intercept=not switchback,
-                random_state=self.random_state + fold,
-                n_jobs=self.n_jobs,
-            )
             grows = grow_on.sum() >= 2 * self.min_samples_leaf and (switchback or len(np.unique(treatment[grow_on])) == 2)
             if grows:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    forest.fit(x[grow_on], treatment[grow_on], y[grow_on])
-                    fold_leaves = forest.apply(x[apply_to])
-                    importance = forest.feature_importances_
-                if np.all(np.isfinite(importance)):
-                    importances.append(importance)
+                grown.append((fold, apply_to, grow_on))
             else:  # too few products to grow on: one leaf per tree (a plain comparison)
-                fold_leaves = np.zeros((apply_to.sum(), self.n_estimators), dtype=np.int64)
+                leaves[apply_to] = (fold * self.n_estimators + np.arange(self.n_estimators)) * _LEAF_STRIDE
+        n_jobs = effective_n_jobs(self.n_jobs)
+        big = sum(int(grow_on.sum()) for _, _, grow_on in grown) * self.n_estimators >= FOREST_PROCESSES_MIN_ROW_TREES
+        processes = min(n_jobs, len(grown)) if n_jobs > 1 and big else 1
+
+        def params(fold: int) -> dict:
+            return dict(n_estimators=self.n_estimators, min_samples_leaf=self.min_samples_leaf, honest=True,
+                        inference=False, fit_intercept=not switchback, random_state=self.random_state + fold,
+                        n_jobs=max(1, n_jobs // processes) if processes > 1 else self.n_jobs)
+
+        tasks = [(params(fold), x[grow_on], treatment[grow_on], y[grow_on], x[apply_to]) for fold, apply_to, grow_on in grown]
+        if processes > 1:
+            results = Parallel(n_jobs=processes, backend="loky", max_nbytes=None)(delayed(_grown_fold)(*task) for task in tasks)
+        else:
+            results = [_grown_fold(*task) for task in tasks]
+        importances = []
+        for (fold, apply_to, _), (fold_leaves, importance) in zip(grown, results):
+            if np.all(np.isfinite(importance)):
+                importances.append(importance)
             leaves[apply_to] = (fold * self.n_estimators + np.arange(self.n_estimators)) * _LEAF_STRIDE + fold_leaves
         importance = np.mean(importances, axis=0) if importances else np.full(x.shape[1], np.nan)
         return leaves, importance
@@ -1705,7 +1730,7 @@ class HPTEEstimator(_EffectEstimator):
                 draws = np.ascontiguousarray(blocks.weights(arm_units, n_draws, rng).T)
             arms.append(_BootstrapArm(
                 counts=_membership(unit_row, leaf_column[mask], np.ones(n_rows), len(arm_units), n_columns).T.tocsr(),
-                members=_membership(np.arange(n_rows), leaf_column[mask], np.ones(n_rows), n_rows, n_columns),
+                members=_membership(np.arange(n_rows), leaf_column[mask], np.ones(n_rows), n_rows, n_columns).tocsc(),
                 unit_row=unit_row, values=values[mask], draws=draws,
             ))
             if k and draws is not None:  # per draw: the arm's weighted sums for theta_b
@@ -1765,11 +1790,12 @@ class HPTEEstimator(_EffectEstimator):
 @dataclass(frozen=True)
 class _BootstrapArm:
     """One arm's inputs to the leaf bootstrap: (leaves x units) counts, (rows x leaves) membership
-    (a row's leaves, one per tree), each row's unit, the rows' outcomes (rows x outcomes) and the
-    units' bootstrap weights (units x draws; None when the arm is empty or there are no draws)."""
+    (a row's leaves, one per tree; CSC, see `_bootstrap_leaf_sums`), each row's unit, the rows'
+    outcomes (rows x outcomes) and the units' bootstrap weights (units x draws; None when the arm
+    is empty or there are no draws)."""
 
     counts: sparse.csr_matrix
-    members: sparse.csr_matrix
+    members: sparse.csc_matrix
     unit_row: np.ndarray
     values: np.ndarray
     draws: np.ndarray | None
@@ -1785,23 +1811,34 @@ def _bootstrap_leaf_sums(arms: list[_BootstrapArm], n_draws: int, n_jobs: int = 
     product per arm for the leaf counts, one to bring the leaf factors back to the rows, then a
     dense product with every outcome at once. Draws go in chunks (memory: leaves x chunk), on
     `n_jobs` threads (scipy's sparse products release the GIL); each chunk fills its own columns,
-    so the figures do not depend on the number of threads."""
+    so the figures do not depend on the number of threads.
+
+    Speed (issue 18): the leaf factors are brought back to the rows through the CSC form of the
+    membership, which reads the (leaves x chunk) factors once, in order, and adds into the
+    (rows x chunk) result, instead of gathering a random factor row for every (row, tree) of the
+    CSR form; a row still receives its trees' factors in the same (column) order, so the sums are
+    the same bit for bit. The leaf counts and weights are whole numbers (exact in float64), so
+    w / N is the same number computed as w / max(N, 1) with w set to 0 where an arm is missing."""
     n_outcomes = arms[0].values.shape[1]
     numerator, denominator = np.zeros((n_outcomes, n_draws)), np.zeros(n_draws)
     if not n_draws or any(arm.draws is None for arm in arms):
         return numerator, denominator
     treated, control = arms
+    members = [arm.members.tocsc() for arm in arms]  # no copy when already CSC
     width = int(np.clip(8e6 // max(treated.counts.shape[0], 1), 1, n_draws))
 
     def chunk(first: int) -> None:
         columns = slice(first, min(first + width, n_draws))
         n_t, n_c = treated.counts @ treated.draws[:, columns], control.counts @ control.draws[:, columns]
-        valid = (n_t > 0) & (n_c > 0)
-        weight = np.where(valid, n_t + n_c, 0.0)
+        valid = np.minimum(n_t, n_c) > 0
+        weight = np.add(n_t, n_c, out=np.zeros_like(n_t), where=valid)
+        del valid
         denominator[columns] = weight.sum(axis=0)
-        for arm, n, sign in ((treated, n_t, 1.0), (control, n_c, -1.0)):
-            factor = np.divide(weight, n, out=np.zeros_like(weight), where=valid)
-            per_row = arm.members @ factor
+        for arm, member, n, sign in ((treated, members[0], n_t, 1.0), (control, members[1], n_c, -1.0)):
+            factor = np.maximum(n, 1.0, out=n)  # n is not needed after this
+            factor = np.divide(weight, factor, out=factor)
+            per_row = member @ factor
+            del factor
             per_row *= arm.draws[arm.unit_row, columns]
             numerator[:, columns] += sign * (arm.values.T @ per_row)
 

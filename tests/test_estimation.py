@@ -199,6 +199,19 @@ def test_hpte_figures_do_not_depend_on_its_threads():
     assert fits[0].product_effects_.equals(fits[1].product_effects_)
 
 
+def test_hpte_forests_in_processes_give_the_same_figures(monkeypatch):
+    """Large forests grow in one process per fold (`FOREST_PROCESSES_MIN_ROW_TREES`): the same trees,
+    so the same figures bit for bit as growing them in this process."""
+    fd, catalog = _between_fd(7, n_products=200)
+    in_process = estimation.HPTEEstimator(n_bootstrap=60, n_estimators=10, random_state=2, n_jobs=1).fit(fd, catalog)
+    monkeypatch.setattr(estimation, "FOREST_PROCESSES_MIN_ROW_TREES", 0)
+    in_processes = estimation.HPTEEstimator(n_bootstrap=60, n_estimators=10, random_state=2, n_jobs=2).fit(fd, catalog)
+    assert np.array_equal(in_process.bootstrap_, in_processes.bootstrap_)
+    assert (in_process.effect_, in_process.se_) == (in_processes.effect_, in_processes.se_)
+    assert in_process.product_effects_.equals(in_processes.product_effects_)
+    assert in_process.feature_importances_.equals(in_processes.feature_importances_)
+
+
 def test_leaf_bootstrap_equals_recomputing_every_draw():
     """The leaf bootstrap's per-row shortcut gives each draw's leaf-weighted effect as computed
     from scratch (per-leaf sums of the resampled units), including leaves one arm leaves empty."""

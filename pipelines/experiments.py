@@ -40,9 +40,11 @@ import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from pipelines import metrics as metric_rules
 
@@ -184,17 +186,21 @@ _StrictSafeLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader
 _SafeLoaderDatesAsText = _StrictSafeLoader  # the name earlier code used
 
 
+class _Refused(ValueError):
+    """A validator's refusal: why, and which field when not the validator's own (`population.categories`)."""
+
+    def __init__(self, reason: str, field: str | None = None):
+        super().__init__(reason)
+        self.field = field
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _as_date(value, file: str, name: str) -> date:
+def _as_date(value) -> date:
     if isinstance(value, datetime):
-        raise ExperimentFileError(file, name, f"{excerpt(str(value))} has a time of day; expected a date YYYY-MM-DD")
+        raise _Refused(f"{excerpt(str(value))} has a time of day; expected a date YYYY-MM-DD")
     if isinstance(value, date):
         return value
     if isinstance(value, str) and ISO_DATE_PATTERN.fullmatch(value.strip()):
@@ -202,232 +208,228 @@ def _as_date(value, file: str, name: str) -> date:
             return date.fromisoformat(value.strip())
         except ValueError:
             pass
-    raise ExperimentFileError(file, name, f"{excerpt(value)} is not a date (expected YYYY-MM-DD)")
+    raise _Refused(f"{excerpt(value)} is not a date (expected YYYY-MM-DD)")
 
 
-def _as_days(value, file: str, name: str, minimum: int) -> int:
-    if not _is_int(value):
-        raise ExperimentFileError(file, name, f"{excerpt(value)} is not a whole number of days")
+def _as_days(value, _info=None, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Refused(f"{excerpt(value)} is not a whole number of days")
     if value < minimum:
         what = "negative" if value < 0 else f"below {minimum}"
-        raise ExperimentFileError(file, name, f"{value} is {what} (must be >= {minimum})")
+        raise _Refused(f"{value} is {what} (must be >= {minimum})")
     return int(value)
 
 
-def _parse_population(value, file: str) -> dict:
+def _name(name) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise _Refused(f"{excerpt(name)} is not a safe name (lowercase letters, digits and '-', starting with a letter or digit)")
+    if len(name) > NAME_MAX_LENGTH:
+        raise _Refused(f"{len(name)} characters is longer than {NAME_MAX_LENGTH}")
+    return name
+
+
+def _end(value, info) -> date:
+    end, start = _as_date(value), info.data.get("start")
+    if start is not None and end < start:
+        raise _Refused(f"{end} is before start {start}")
+    return end
+
+
+def _population(value) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ExperimentFileError(
-            file, "population", f"expected a mapping with keys {', '.join(POPULATION_KEYS)}"
-        )
-    population = {}
+        raise _Refused(f"expected a mapping with keys {', '.join(POPULATION_KEYS)}")
     for key in value:
         if key not in POPULATION_KEYS:
-            raise ExperimentFileError(
-                file, f"population.{str(key)[:EXCERPT_CHARS]}", f"unknown key (known: {', '.join(POPULATION_KEYS)})"
-            )
-    for key in POPULATION_KEYS:
-        if key not in value:
-            continue
-        names = value[key]
+            raise _Refused(f"unknown key (known: {', '.join(POPULATION_KEYS)})", f"population.{str(key)[:EXCERPT_CHARS]}")
+    population = {}
+    for key in (k for k in POPULATION_KEYS if k in value):
+        names, where = value[key], f"population.{key}"
         if not isinstance(names, list):
-            raise ExperimentFileError(file, f"population.{key}", "expected a list of names")
+            raise _Refused("expected a list of names", where)
         if not names:
-            raise ExperimentFileError(
-                file, f"population.{key}", "empty list (omit the key to select the whole catalogue)"
-            )
+            raise _Refused("empty list (omit the key to select the whole catalogue)", where)
         bad = [n for n in names if not isinstance(n, (str, int)) or isinstance(n, bool)]
         if bad:
-            raise ExperimentFileError(file, f"population.{key}", f"{excerpt(bad[0])} is not a name")
+            raise _Refused(f"{excerpt(bad[0])} is not a name", where)
         population[key] = sorted({str(n) for n in names})
     return population
 
 
-def _parse_price_change(treatment, file: str) -> float:
+def _price_change(treatment) -> float:
     """`treatment: {price_change: x}`: a finite number above -1 and within the sane range."""
     if not isinstance(treatment, dict):
-        raise ExperimentFileError(file, "treatment", "expected a mapping like {price_change: -0.05}")
+        raise _Refused("expected a mapping like {price_change: -0.05}")
     for key in treatment:
         if key not in TREATMENT_FIELDS:
-            raise ExperimentFileError(
-                file, f"treatment.{str(key)[:EXCERPT_CHARS]}", f"unknown field (known: {', '.join(TREATMENT_FIELDS)})"
-            )
-    if treatment.get("price_change") is None:
-        raise ExperimentFileError(file, "treatment.price_change", "missing required field")
-    price_change = treatment["price_change"]
+            raise _Refused(f"unknown field (known: {', '.join(TREATMENT_FIELDS)})", f"treatment.{str(key)[:EXCERPT_CHARS]}")
+    where, price_change = "treatment.price_change", treatment.get("price_change")
+    if price_change is None:
+        raise _Refused("missing required field", where)
     if not _is_number(price_change) or not math.isfinite(price_change):
-        raise ExperimentFileError(file, "treatment.price_change", f"{excerpt(price_change)} is not a number")
+        raise _Refused(f"{excerpt(price_change)} is not a number", where)
     if price_change <= -1:
-        raise ExperimentFileError(
-            file, "treatment.price_change", f"{price_change} would make the price zero or negative (must be > -1)"
-        )
+        raise _Refused(f"{price_change} would make the price zero or negative (must be > -1)", where)
     if abs(price_change) > MAX_PRICE_CHANGE:
-        raise ExperimentFileError(
-            file, "treatment.price_change",
-            f"{price_change} is a {price_change:+.0%} price change, outside the sane range "
-            f"-{MAX_PRICE_CHANGE}..{MAX_PRICE_CHANGE} (write -0.05 for 5% off)",
-        )
-    return price_change
+        raise _Refused(f"{price_change} is a {price_change:+.0%} price change, outside the sane range "
+                       f"-{MAX_PRICE_CHANGE}..{MAX_PRICE_CHANGE} (write -0.05 for 5% off)", where)
+    return float(price_change)
 
 
-def _design_fields(raw: dict, design: str, file: str) -> tuple:
-    """(phase_days, blackout_days, trigger_event, duration_days): a crossover's phases and
-    blackout (shorter than a phase), a triggered design's event and window; None elsewhere."""
-    phase_days = blackout_days = duration_days = None
-    trigger_event = None
-    if design == "crossover":
-        phase_days = _as_days(raw.get("phase_days", DEFAULT_PHASE_DAYS), file, "phase_days", 1)
-        blackout_days = _as_days(raw.get("blackout_days", DEFAULT_BLACKOUT_DAYS), file, "blackout_days", 0)
-        if blackout_days >= phase_days:
-            raise ExperimentFileError(
-                file, "blackout_days",
-                f"{blackout_days} leaves no analysable day in a phase of {phase_days} days "
-                "(must be < phase_days)",
-            )
-    elif design == "triggered":
-        trigger_event = raw.get("trigger_event")
-        if trigger_event is None:
-            raise ExperimentFileError(file, "trigger_event", "missing: a triggered experiment needs one")
-        if not isinstance(trigger_event, str) or not trigger_event.strip():
-            raise ExperimentFileError(file, "trigger_event", f"{excerpt(trigger_event)} is not an event name")
-        duration_days = _as_days(raw.get("duration_days", DEFAULT_DURATION_DAYS), file, "duration_days", 1)
-    return phase_days, blackout_days, trigger_event, duration_days
-
-
-def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
-    unknown = sorted(str(k)[:EXCERPT_CHARS] for k in raw if k not in FILE_FIELDS)
-    if unknown:
-        raise ExperimentFileError(file, unknown[0], f"unknown field (known: {', '.join(FILE_FIELDS)})")
-    for required in REQUIRED_FIELDS:
-        if raw.get(required) is None:
-            raise ExperimentFileError(file, required, "missing required field")
-
-    name = raw["name"]
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise ExperimentFileError(
-            file, "name", f"{excerpt(name)} is not a safe name (lowercase letters, digits and '-', "
-            "starting with a letter or digit)"
-        )
-    if len(name) > NAME_MAX_LENGTH:
-        raise ExperimentFileError(
-            file, "name", f"{len(name)} characters is longer than {NAME_MAX_LENGTH}"
-        )
-
-    design = raw["design"]
-    if design not in DESIGNS:
-        raise ExperimentFileError(file, "design", f"unknown design {excerpt(design)} (known: {', '.join(DESIGNS)})")
-    unit = raw.get("unit", DEFAULT_UNIT)
-    if unit not in UNITS:
-        raise ExperimentFileError(file, "unit", f"unknown unit {excerpt(unit)} (known: {', '.join(UNITS)})")
-
-    start = _as_date(raw["start"], file, "start")
-    end = _as_date(raw["end"], file, "end")
-    if end < start:
-        raise ExperimentFileError(file, "end", f"{end} is before start {start}")
-
-    population = _parse_population(raw.get("population"), file)
-
-    treated_fraction = raw.get("treated_fraction", DEFAULT_TREATED_FRACTION)
-    if not _is_number(treated_fraction) or not (0 < treated_fraction < 1):
-        raise ExperimentFileError(
-            file, "treated_fraction", f"{excerpt(treated_fraction)} is not a number strictly between 0 and 1"
-        )
-
-    price_change = _parse_price_change(raw["treatment"], file)
-
-    seed = raw["seed"]
-    if not _is_int(seed):
-        raise ExperimentFileError(file, "seed", f"{excerpt(seed)} is not an integer")
-
-    metric, metrics = _parse_metrics(raw, file)
-    guardrails = _parse_guardrails(raw.get("guardrails"), file, metrics or (metric,))
-    costs = _parse_costs(raw.get("costs"), file)
-
-    phase_days, blackout_days, trigger_event, duration_days = _design_fields(raw, design, file)
-
-    return ExperimentSpec(
-        name=name, design=design, start=start, end=end, unit=unit, population=population,
-        treated_fraction=float(treated_fraction), price_change=float(price_change),
-        phase_days=phase_days, blackout_days=blackout_days, trigger_event=trigger_event,
-        duration_days=duration_days, metric=metric, seed=int(seed), source=file,
-        metrics=metrics, guardrails=guardrails, costs=costs,
-    )
-
-
-def _parse_metrics(raw: dict, file: str) -> tuple[str, tuple]:
-    """(primary metric, metrics tuple: empty when only one) from `metric` / `metrics`."""
-    if "metric" in raw and "metrics" in raw:
-        raise ExperimentFileError(file, "metrics", "give either `metric` or `metrics` (a list, the first primary), not both")
-    if "metrics" in raw:
-        names, where = raw["metrics"], "metrics"
-        if not isinstance(names, list) or not names:
-            raise ExperimentFileError(file, "metrics", f"{excerpt(names)} is not a non-empty list of metric names")
-    else:
-        names, where = [raw.get("metric", DEFAULT_METRIC)], "metric"
+def _metrics(names, info) -> tuple:
+    """Every metric, the primary first, from `metric` or `metrics` (a list), not both."""
+    metric, where = info.data.get("metric", _ABSENT), "metrics"
+    if names is _ABSENT:
+        names, where = [DEFAULT_METRIC if metric is _ABSENT else metric], "metric"
+    elif metric is not _ABSENT:
+        raise _Refused("give either `metric` or `metrics` (a list, the first primary), not both")
+    elif not isinstance(names, list) or not names:
+        raise _Refused(f"{excerpt(names)} is not a non-empty list of metric names")
     for name in names:
         if not isinstance(name, str) or not METRIC_PATTERN.fullmatch(name):
-            raise ExperimentFileError(file, where, f"{excerpt(name)} is not a metric (units, revenue, profit or a sales column)")
+            raise _Refused(f"{excerpt(name)} is not a metric (units, revenue, profit or a sales column)", where)
     if len(set(names)) != len(names):
-        raise ExperimentFileError(file, where, f"{excerpt(next(n for n in names if names.count(n) > 1))} is listed twice")
+        raise _Refused(f"{excerpt(next(n for n in names if names.count(n) > 1))} is listed twice", where)
     if len(names) > metric_rules.MAX_METRICS:
-        raise ExperimentFileError(file, where, f"{len(names)} metrics is more than {metric_rules.MAX_METRICS}")
-    return names[0], (tuple(names) if len(names) > 1 else ())
+        raise _Refused(f"{len(names)} metrics is more than {metric_rules.MAX_METRICS}", where)
+    return tuple(names)
 
 
-def _parse_guardrails(value, file: str, metrics: tuple) -> tuple:
+def _guardrails(value, info) -> tuple:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ExperimentFileError(file, "guardrails", "expected a list like [{metric: profit, direction: must_not_fall, tolerance: 0.02}]")
-    out, seen = [], set()
+        raise _Refused("expected a list like [{metric: profit, direction: must_not_fall, tolerance: 0.02}]")
+    metrics, out, seen = info.data.get("metrics", ()), [], set()
     for i, item in enumerate(value):
         where = f"guardrails[{i}]"
         if not isinstance(item, dict):
-            raise ExperimentFileError(file, where, "expected a mapping {metric, direction, tolerance}")
+            raise _Refused("expected a mapping {metric, direction, tolerance}", where)
         for key in item:
             if key not in metric_rules.GUARDRAIL_FIELDS:
-                raise ExperimentFileError(file, f"{where}.{str(key)[:EXCERPT_CHARS]}",
-                                          f"unknown field (known: {', '.join(metric_rules.GUARDRAIL_FIELDS)})")
+                raise _Refused(f"unknown field (known: {', '.join(metric_rules.GUARDRAIL_FIELDS)})",
+                               f"{where}.{str(key)[:EXCERPT_CHARS]}")
         for key in metric_rules.GUARDRAIL_FIELDS:
             if item.get(key) is None:
-                raise ExperimentFileError(file, f"{where}.{key}", "missing required field")
+                raise _Refused("missing required field", f"{where}.{key}")
         metric, direction, tolerance = item["metric"], item["direction"], item["tolerance"]
         if metric not in metrics:
-            raise ExperimentFileError(file, f"{where}.metric", f"{excerpt(metric)} is not one of the experiment's metrics "
-                                      f"({', '.join(metrics)}): add it to `metrics`")
+            raise _Refused(f"{excerpt(metric)} is not one of the experiment's metrics ({', '.join(metrics)}): "
+                           "add it to `metrics`", f"{where}.metric")
         if metric in seen:
-            raise ExperimentFileError(file, f"{where}.metric", f"{excerpt(metric)} has a guardrail already")
+            raise _Refused(f"{excerpt(metric)} has a guardrail already", f"{where}.metric")
         if direction not in metric_rules.GUARDRAIL_DIRECTIONS:
-            raise ExperimentFileError(file, f"{where}.direction", f"{excerpt(direction)} is not a direction "
-                                      f"(known: {', '.join(metric_rules.GUARDRAIL_DIRECTIONS)})")
+            raise _Refused(f"{excerpt(direction)} is not a direction (known: {', '.join(metric_rules.GUARDRAIL_DIRECTIONS)})",
+                           f"{where}.direction")
         if not _is_number(tolerance) or not (0 <= tolerance < 1):
-            raise ExperimentFileError(file, f"{where}.tolerance", f"{excerpt(tolerance)} is not a relative change in [0, 1) "
-                                      "(write 0.02 for 2%)")
+            raise _Refused(f"{excerpt(tolerance)} is not a relative change in [0, 1) (write 0.02 for 2%)", f"{where}.tolerance")
         seen.add(metric)
         out.append((metric, direction, float(tolerance)))
     return tuple(out)
 
 
-def _parse_costs(value, file: str) -> dict:
+def _costs(value) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict) or not value:
-        raise ExperimentFileError(file, "costs", "expected a mapping category -> {unit_cost: 3.5} or {margin_rate: 0.3}")
+        raise _Refused("expected a mapping category -> {unit_cost: 3.5} or {margin_rate: 0.3}")
     out = {}
     for category, given in value.items():
         where = f"costs.{str(category)[:EXCERPT_CHARS]}"
         if not isinstance(given, dict) or len(given) != 1 or next(iter(given)) not in metric_rules.COST_FIELDS:
-            raise ExperimentFileError(file, where, "expected exactly one of {unit_cost: <money>} or {margin_rate: <share>}")
+            raise _Refused("expected exactly one of {unit_cost: <money>} or {margin_rate: <share>}", where)
         key, number = next(iter(given.items()))
         if not _is_number(number) or not math.isfinite(number):
-            raise ExperimentFileError(file, f"{where}.{key}", f"{excerpt(number)} is not a number")
+            raise _Refused(f"{excerpt(number)} is not a number", f"{where}.{key}")
         if key == "unit_cost" and number < 0:
-            raise ExperimentFileError(file, f"{where}.{key}", f"{number} is negative")
+            raise _Refused(f"{number} is negative", f"{where}.{key}")
         if key == "margin_rate" and not (-1 < number < 1):
-            raise ExperimentFileError(file, f"{where}.{key}", f"{number} is not a share of the price in (-1, 1) (write 0.3 for 30%)")
+            raise _Refused(f"{number} is not a share of the price in (-1, 1) (write 0.3 for 30%)", f"{where}.{key}")
         out[str(category)] = {key: float(number)}
     return dict(sorted(out.items()))
+
+
+def _for_design(design: str, check) -> AfterValidator:
+    """A design's own field: `check(value, info)` for that design (its default when absent), None for the others."""
+    return AfterValidator(lambda value, info: check(value, info) if info.data.get("design") == design else None)
+
+
+def _blackout_days(value, info) -> int:
+    blackout_days, phase_days = _as_days(value, minimum=0), info.data.get("phase_days")
+    if phase_days is not None and blackout_days >= phase_days:
+        raise _Refused(f"{blackout_days} leaves no analysable day in a phase of {phase_days} days (must be < phase_days)")
+    return blackout_days
+
+
+def _trigger_event(value, _info) -> str:
+    if value is None:
+        raise _Refused("missing: a triggered experiment needs one")
+    if not isinstance(value, str) or not value.strip():
+        raise _Refused(f"{excerpt(value)} is not an event name")
+    return value
+
+
+_ABSENT = object()  # `metric` / `metrics` not given (`metric: null` is a value, refused)
+_TYPE_MESSAGES = {  # why a value of these fields fails its pydantic type (`{}`: the value, excerpted)
+    "design": f"unknown design {{}} (known: {', '.join(DESIGNS)})",
+    "unit": f"unknown unit {{}} (known: {', '.join(UNITS)})",
+    "treated_fraction": "{} is not a number strictly between 0 and 1",
+    "seed": "{} is not an integer",
+}
+
+
+class _ExperimentFile(BaseModel):
+    """An experiment file's fields, checked after `_known_and_required` in this order (a validator sees
+    the fields above it); the first refusal is reported. Design fields are None for the other designs."""
+
+    model_config = ConfigDict(validate_default=True)
+
+    name: Annotated[Any, AfterValidator(_name)]
+    design: Literal[DESIGNS]
+    unit: Literal[UNITS] = DEFAULT_UNIT
+    start: Annotated[Any, AfterValidator(_as_date)]
+    end: Annotated[Any, AfterValidator(_end)]
+    population: Annotated[Any, AfterValidator(_population)] = None
+    treated_fraction: Annotated[float, Field(strict=True, gt=0, lt=1)] = DEFAULT_TREATED_FRACTION
+    treatment: Annotated[Any, AfterValidator(_price_change)]  # validated into its price_change
+    seed: StrictInt
+    metric: Any = _ABSENT
+    metrics: Annotated[Any, AfterValidator(_metrics)] = _ABSENT
+    guardrails: Annotated[Any, AfterValidator(_guardrails)] = None
+    costs: Annotated[Any, AfterValidator(_costs)] = None
+    phase_days: Annotated[Any, _for_design("crossover", _as_days)] = DEFAULT_PHASE_DAYS
+    blackout_days: Annotated[Any, _for_design("crossover", _blackout_days)] = DEFAULT_BLACKOUT_DAYS
+    trigger_event: Annotated[Any, _for_design("triggered", _trigger_event)] = None
+    duration_days: Annotated[Any, _for_design("triggered", _as_days)] = DEFAULT_DURATION_DAYS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_and_required(cls, raw: dict) -> dict:
+        unknown = sorted(str(k)[:EXCERPT_CHARS] for k in raw if k not in FILE_FIELDS)
+        if unknown:
+            raise _Refused(f"unknown field (known: {', '.join(FILE_FIELDS)})", unknown[0])
+        for required in REQUIRED_FIELDS:
+            if raw.get(required) is None:
+                raise _Refused("missing required field", required)
+        return raw
+
+    def spec(self, source: str) -> ExperimentSpec:
+        fields = {name: value for name, value in self if name not in ("treatment", "metric", "metrics")}
+        return ExperimentSpec(**fields, price_change=self.treatment, metric=self.metrics[0],
+                              metrics=self.metrics if len(self.metrics) > 1 else (), source=source)
+
+
+def _parse_mapping(raw: dict, file: str) -> ExperimentSpec:
+    """The validated spec of one file's mapping, or its first refusal as an `ExperimentFileError`."""
+    try:
+        return _ExperimentFile.model_validate(raw).spec(file)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        refused = error.get("ctx", {}).get("error")
+        if not isinstance(refused, _Refused):  # a value failing its pydantic type: our message, not pydantic's
+            refused = _Refused(_TYPE_MESSAGES[error["loc"][0]].format(excerpt(error["input"])))
+        raise ExperimentFileError(file, refused.field or error["loc"][0], str(refused)) from None
 
 
 def parse_experiment_file(path) -> ExperimentSpec:

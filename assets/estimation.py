@@ -260,7 +260,8 @@ def _results_metadata(results: pd.DataFrame, models: dict, problems: dict, spill
             "\n".join(
                 f"- **{r.experiment}** {r.metric} ({r.estimator}): counterfactual {r.counterfactual}; regression adjustment "
                 f"removed {r.variance_reduction:.0%} of the variance"
-                + (f"; carryover {r.carryover_estimate:+.3f} (SE {r.carryover_se:.3f}){' FLAGGED' if r.carryover_flag else ''}"
+                + (f"; carryover {r.carryover_estimate:+.3f} (SE {r.carryover_se:.3f})"
+                   + (" FLAGGED" if r.carryover_flag else f", not flagged (it catches {r.carryover_detectable:.3f} or more 4 times in 5)")
                    if pd.notna(r.carryover_estimate) else "")
                 for r in results.itertuples()
             )

@@ -174,8 +174,8 @@ def _carryover_section(table: pd.DataFrame) -> list[str]:
     if "carryover_detectable" in table.columns:
         quiet = table[~flag & table["carryover_detectable"].notna() & ~table["experiment"].isin(flagged["experiment"])]
         lines += [
-            f"- `{r.experiment}` ({r.design}): no carryover flagged, but carryover up to about "
-            f"{r.carryover_detectable:.3f} a day either way would have gone unseen one time in five."
+            f"- `{r.experiment}` ({r.design}): no carryover flagged. The check catches a carryover of "
+            f"{r.carryover_detectable:.3f} a day (either way) four times in five, smaller ones less often."
             for r in quiet.drop_duplicates("experiment").itertuples()
         ]
     return ["## Carryover", ""] + lines + [""] if lines else []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -26,7 +27,8 @@ class SparkResource(dg.ConfigurableResource):
     depend on (UTC session time zone, Arrow, adaptive execution) apply on every master
     (`pipelines.spark.EVERYWHERE`); the small-machine sizes only on `local[*]`. On a cluster,
     `shuffle_partitions`, `driver_memory`, `executor_memory`, `executor_cores` and `conf` set
-    what the cluster should use (0 / empty: the cluster's own defaults)."""
+    what the cluster should use (0 / empty: the cluster's own defaults); `python` the Python its
+    executors run pandas UDFs with (empty: this interpreter)."""
 
     master: str = ""
     remote: str = ""
@@ -35,6 +37,7 @@ class SparkResource(dg.ConfigurableResource):
     driver_memory: str = ""
     executor_memory: str = ""
     executor_cores: int = 0
+    python: str = ""
     conf: dict[str, str] = {}
 
     def spark_conf(self) -> dict[str, str]:
@@ -51,7 +54,12 @@ class SparkResource(dg.ConfigurableResource):
 
     def session(self) -> SparkSession:
         jars = jar_files(self.jars_dir or PROJECT_JARS_DIR)
-        return get_spark(master=self.master or None, remote=self.remote or None, jars=jars, conf=self.spark_conf())
+        if self.remote.startswith("local"):
+            # an embedded Connect server is a JVM this process starts: its Python workers are the
+            # PYSPARK_PYTHON of the environment it inherits (a remote server has its own)
+            os.environ.setdefault("PYSPARK_PYTHON", self.python or sys.executable)
+        return get_spark(master=self.master or None, remote=self.remote or None, jars=jars, conf=self.spark_conf(),
+                         python=self.python or None)
 
 
 # Environment variables read into SparkResource (only those set: an unset EnvVar is an error).
@@ -62,6 +70,7 @@ SPARK_ENV = {
     "driver_memory": "PRICELAB_SPARK_DRIVER_MEMORY",
     "executor_memory": "PRICELAB_SPARK_EXECUTOR_MEMORY",
     "executor_cores": "PRICELAB_SPARK_EXECUTOR_CORES",
+    "python": "PYSPARK_PYTHON",  # the executors' Python, where it is not this interpreter's path
 }
 
 

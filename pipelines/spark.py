@@ -4,9 +4,9 @@
 `remote` (`sc://host:15002`) picks Spark Connect instead (`local` starts an embedded Connect
 server, which the tests use to prove the Connect path). The Dagster resource (`jobs/resources.py`,
 which reads PRICELAB_SPARK_MASTER / PRICELAB_SPARK_REMOTE) and the tests call `get_spark`, so code
-runs the same way everywhere. The only environment this module touches is what Spark's own
-launcher reads from it: PYSPARK_PYTHON (this interpreter, for pandas UDF workers) and, on an
-embedded master, SPARK_LOCAL_IP (loopback), each set only when the process has not set it.
+runs the same way everywhere. This module reads and writes no environment variable: the pandas
+UDF workers' Python is an argument (`python`, default this interpreter), and an embedded master
+listens on loopback through its settings (`LOCAL_SIZING`), not SPARK_LOCAL_IP.
 
 Extra JVM jars (GraphFrames and Delta Lake, fetched by `make setup` into ./jars) are passed in as
 local paths (default: the project's ./jars) and set as `spark.jars`: nothing is downloaded when a
@@ -16,7 +16,6 @@ session starts. When Delta's jar is among them, the session gets Delta's SQL ext
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -151,6 +150,7 @@ def get_spark(
     conf: dict[str, str] | None = None,
     jars: list[str] | None = None,
     check_worker: bool = True,
+    python: str | None = None,
 ) -> SparkSession:
     """Return the process's SparkSession, creating it on first use.
 
@@ -158,27 +158,25 @@ def get_spark(
     session. `check_worker`: on Spark Connect, prove first that the server's Python workers run
     pricelab's interpreter (`check_worker_python`). `jars`: local jar paths
     for `spark.jars` on a classic session (a Connect server has its own classpath: ignored there);
-    None means the project's ./jars, [] none.
+    None means the project's ./jars, [] none. `python`: the Python a classic session's pandas
+    UDF workers run (default this interpreter, which has pricelab's packages; on a cluster whose
+    executors keep it elsewhere, their path).
     """
     if jars is None:
         jars = jar_files(PROJECT_JARS_DIR)
-    # Python workers (pandas UDFs) must use this interpreter, with its packages.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     remote = remote or None
     master = master or "local[*]"
     builder = SparkSession.builder.appName(app_name)
     if remote:
         builder = builder.remote(remote)
     else:
-        local = master.startswith("local")
-        if local:
-            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = builder.master(master)
         for key, value in session_settings(master, jars, conf).items():
             builder = builder.config(key, value)
     spark = builder.getOrCreate()
     if not remote:
         spark.sparkContext.setLogLevel("ERROR")
+        spark.sparkContext.pythonExec = python or sys.executable  # what PySpark's UDFs and RDDs launch
     else:
         # a running Connect server: the settings that matter always; the small-machine sizes only
         # on an embedded server (`local`); `conf` wins for the keys a running session accepts

@@ -23,7 +23,8 @@ designs, and the share of experiments whose own data flagged it.
 Assignments come from a pandas twin of `pipelines.assignment` (the Spark path costs seconds per
 call); before the run the twin is checked row for row against the Spark functions on one world.
 `--timing 10000,100000` times HPTE (B = --bootstrap) on that many products, with --trees trees
-and with the pipeline's default number (`HPTEEstimator().n_estimators`), both cores (n_jobs=-1).
+and with the pipeline's default number (`HPTEEstimator().n_estimators`), both cores (n_jobs=-1);
+where the default `max_tree_rows` cap binds (100,000 products), also without it, in the same run.
 
     .venv/bin/python benchmarks/estimators.py [--replications 200] [--regime default,weak] [--carryover 0] [--workers 1]
 """
@@ -356,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in [int(v) for v in args.timing.split(",") if v]:
             for trees in tree_counts:
                 print(time_hpte(n, args.bootstrap, trees), flush=True)
+            if estimation.HPTEEstimator()._tree_sample(n // 2) != estimation.TREE_SAMPLE_SHARE:  # the cap binds: time without it too
+                print(time_hpte(n, args.bootstrap, estimation.HPTEEstimator().n_estimators, max_tree_rows=None), flush=True)
         if args.replications == 0:
             return 0
     regimes = [r.strip() for r in args.regime.split(",") if r.strip()]
@@ -406,7 +409,7 @@ def print_report(results: pd.DataFrame, args: argparse.Namespace, params: str, s
     print(f"total {time.time() - started:.0f} s")
 
 
-def time_hpte(n_products: int, n_bootstrap: int, n_trees: int) -> str:
+def time_hpte(n_products: int, n_bootstrap: int, n_trees: int, **settings) -> str:
     """Seconds HPTE takes (fit: adjustment, filter, cross-fitted forest, bootstrap) on synthetic first differences."""
     rng = np.random.default_rng(0)
     level = rng.lognormal(np.log(15), 0.7, n_products)
@@ -421,9 +424,9 @@ def time_hpte(n_products: int, n_bootstrap: int, n_trees: int) -> str:
     catalog = pd.DataFrame({"product_id": fd["product_id"], "brand_tier": rng.choice(["a", "b", "c"], n_products),
                             "pack_size": rng.integers(1, 13, n_products), "rating": rng.uniform(3, 5, n_products)})
     started = time.time()
-    model = estimation.HPTEEstimator(n_bootstrap=n_bootstrap, n_estimators=n_trees, random_state=0).fit(fd, catalog)
-    return (f"timing: HPTE on {n_products} products, B = {n_bootstrap}, {n_trees} trees, n_jobs {model.n_jobs}: "
-            f"{time.time() - started:.1f} s")
+    model = estimation.HPTEEstimator(n_bootstrap=n_bootstrap, n_estimators=n_trees, random_state=0, **settings).fit(fd, catalog)
+    return (f"timing: HPTE on {n_products} products, B = {n_bootstrap}, {n_trees} trees, max_tree_rows {model.max_tree_rows}, "
+            f"n_jobs {model.n_jobs}: {time.time() - started:.1f} s (effect {model.effect_:.4f}, SE {model.se_:.4f})")
 
 
 if __name__ == "__main__":

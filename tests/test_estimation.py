@@ -212,6 +212,22 @@ def test_hpte_forests_in_processes_give_the_same_figures(monkeypatch):
     assert in_process.feature_importances_.equals(in_processes.feature_importances_)
 
 
+def test_hpte_caps_the_products_each_tree_is_grown_on():
+    """Each tree grows on econml's default share (0.45) of its fold's products, capped at
+    `max_tree_rows`: below the cap the figures are those without one, above it the trees are
+    grown on that many products (and keep the average within a small fraction of its SE)."""
+    model = estimation.HPTEEstimator(max_tree_rows=100)
+    assert model._tree_sample(200) == estimation.TREE_SAMPLE_SHARE and model._tree_sample(1000) == 100
+    assert estimation.HPTEEstimator(max_tree_rows=None)._tree_sample(10**7) == estimation.TREE_SAMPLE_SHARE
+    fd, catalog = _between_fd(8, n_products=400)
+    uncapped, below, capped = [estimation.HPTEEstimator(n_bootstrap=80, n_estimators=10, random_state=3, max_tree_rows=cap).fit(fd, catalog)
+                               for cap in (None, 10_000, 40)]
+    assert (uncapped.effect_, uncapped.se_) == (below.effect_, below.se_)
+    assert np.array_equal(uncapped.bootstrap_, below.bootstrap_)
+    assert capped.n_leaves_ < uncapped.n_leaves_
+    assert abs(capped.effect_ - uncapped.effect_) < 0.5 * uncapped.se_
+
+
 def test_leaf_bootstrap_equals_recomputing_every_draw():
     """The leaf bootstrap's per-row shortcut gives each draw's leaf-weighted effect as computed
     from scratch (per-leaf sums of the resampled units), including leaves one arm leaves empty."""

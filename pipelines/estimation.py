@@ -1543,8 +1543,8 @@ class HPTEEstimator(_EffectEstimator):
         Each tree grows on econml's default share (`TREE_SAMPLE_SHARE`, 0.45) of its fold's
         products, but on at most this many (None: no cap). Growing time rises with the rows a tree
         sees while the leaves it forms are already fine, so the cap binds only on large experiments
-        (above about 44,000 products with 2 folds; issue 18: at 100,000 products HPTE took 55 s
-        instead of 77 s, SE about 2% larger). Subsamples that grow slower than n are also what the
+        (above about 44,000 products with 2 folds; issue 18: at 100,000 products HPTE took 50 s
+        instead of 77 s, SE 1.1-1.9% larger over 4 seeds). Subsamples that grow slower than n are also what the
         forests' asymptotic theory asks for (Wager and Athey 2018).
     n_jobs : int or None, default -1
         Workers for growing the forests and for the leaf bootstrap (-1: every core, as econml's

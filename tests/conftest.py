@@ -25,3 +25,23 @@ def spark():
     )
     yield session
     session.stop()
+
+
+# Test files that share a session-cached market (tests.test_bad_inputs.published_market_root, about
+# 90 s to build): `make test`'s --dist loadfile sends each to the worker of its partner, so the
+# market is built once instead of once per worker.
+SHARED_MARKET_FILES = {"tests/test_bad_inputs_cli.py": "tests/test_bad_inputs.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None  # xdist's own scheduler for any other mode
+
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedMarketScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SHARED_MARKET_FILES.get(scope, scope)
+
+    return SharedMarketScheduling(config, log)

@@ -1294,7 +1294,21 @@ class DiDEstimator(_EffectEstimator):
         self.adjust_folds = adjust_folds
 
     def fit(self, first_differences: pd.DataFrame, clusters: pd.DataFrame | None = None) -> "DiDEstimator":
-        """`clusters` (product_id, cluster_id): substitute clusters resampled whole (`BootstrapBlocks`)."""
+        """Fit on one experiment's first differences.
+
+        Parameters
+        ----------
+        first_differences : pandas.DataFrame
+            One experiment's rows of `first_differences` (step 1): product_id, unit_id, arm,
+            first_difference and the pre-period covariates.
+        clusters : pandas.DataFrame or None
+            (product_id, cluster_id): substitute clusters, resampled whole (`BootstrapBlocks`).
+
+        Returns
+        -------
+        self : DiDEstimator
+            Fitted: effect_, se_, ci_, df_ and the rest of the learned attributes.
+        """
         fd = _in_product_order(first_differences.dropna(subset=["first_difference"]))
         rng = np.random.default_rng(self.random_state)
         switchback = bool((fd["arm"] == "switchback").any())
@@ -1514,12 +1528,16 @@ class HPTEEstimator(_EffectEstimator):
       product per arm). SE = sd of the draws; the 95% interval is effect -/+ t x SE with the
       randomisation units' degrees of freedom (`effective_df`, learned as `df_`), as in DiD.
 
-    Learned attributes: effect_, se_, ci_, bootstrap_, n_trimmed_, trimmed_products_,
-    n_products_, n_units_, n_leaves_, n_leaves_skipped_, leaf_effects_ (one row per fold, tree
-    and leaf), product_effects_ (per-product effect: mean over trees of its leaf's difference),
-    heterogeneity_ (per attribute and level/quartile: mean product effect, relative to the
-    counterfactual, and the forest's importance), feature_importances_, baseline_,
-    variance_reduction_, covariates_, carryover_ (`carryover_check`).
+    Attributes
+    ----------
+    effect_, se_, ci_, df_, bootstrap_ : the estimate, its SE, interval, degrees of freedom and draws.
+    n_trimmed_, trimmed_products_, n_products_, n_units_ : what the filter removed and what was analysed.
+    n_leaves_, n_leaves_skipped_, leaf_effects_ : the leaves (one row per fold, tree and leaf).
+    product_effects_ : per-product effect (mean over trees of its leaf's difference).
+    heterogeneity_, feature_importances_ : per attribute and level/quartile, the mean product
+        effect, relative to the counterfactual, and the forest's importance.
+    baseline_, variance_reduction_, covariates_ : the counterfactual level and the adjustment.
+    carryover_ : `carryover_check` (switchback designs).
 
     Parameters
     ----------
@@ -1647,11 +1665,27 @@ class HPTEEstimator(_EffectEstimator):
 
     def fit(self, first_differences: pd.DataFrame, features: pd.DataFrame | None = None,
             clusters: pd.DataFrame | None = None) -> "HPTEEstimator":
-        """Fit on one experiment's first differences (and catalogue attributes by product_id);
-        `clusters` (product_id, cluster_id): substitute clusters, resampled whole (`BootstrapBlocks`).
+        """Fit on one experiment's first differences.
+
         The steps, in order (they share one random generator): adjust and trim (`_prepared`), grow
         the cross-fitted forest (`_forest_leaves`), estimate and bootstrap over its leaves
-        (`_leaf_estimates`), then describe the leaves and products (`_describe`)."""
+        (`_leaf_estimates`), then describe the leaves and products (`_describe`).
+
+        Parameters
+        ----------
+        first_differences : pandas.DataFrame
+            One experiment's rows of `first_differences` (step 1).
+        features : pandas.DataFrame or None
+            Catalogue attributes by product_id, the forest's features beside the pre-period
+            statistics (`product_features`).
+        clusters : pandas.DataFrame or None
+            (product_id, cluster_id): substitute clusters, resampled whole (`BootstrapBlocks`).
+
+        Returns
+        -------
+        self : HPTEEstimator
+            Fitted: effect_, se_, ci_, df_ and the rest of the learned attributes.
+        """
         fd = _in_product_order(first_differences.dropna(subset=["first_difference"])).drop_duplicates("product_id")
         fd = fd.reset_index(drop=True)
         if fd.empty:

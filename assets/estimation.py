@@ -52,20 +52,11 @@ EFFECT_OVER_TIME = "effect_over_time"
 BALANCE_CHECK = "pre_period_balance"
 
 
-def _sales_days_per_unit(warehouse, spark):
-    """Per experiment, unit and arm: published non-blackout product-days and those with a sales row."""
-    published = warehouse.read(spark, "daily_assignments").where(~F.col("blackout"))
-    sold = warehouse.read(spark, "experiment_sales").select("product_id", "date").distinct().withColumn("sold", F.lit(1))
-    return (published.join(sold, ["product_id", "date"], "left")
-            .groupBy("experiment", "unit_id", "arm")
-            .agg(F.count("*").alias("published"), F.count("sold").alias("with_sales"))
-            .toPandas())
-
-
 def _checks(warehouse, spark, specs: pd.DataFrame) -> list[dg.AssetCheckResult]:
     """SRM (blocking at p < 0.001, warning at p < 0.01) and pre-period balance (beyond-chance imbalance warns),
     rules in `pipelines.balance`."""
-    srm = balance.srm_table(_sales_days_per_unit(warehouse, spark), specs)
+    per_unit = balance.sales_days_per_unit(warehouse.read(spark, "daily_assignments"), warehouse.read(spark, "experiment_sales"))
+    srm = balance.srm_table(per_unit, specs)
     verdicts = set(srm["verdict"]) if not srm.empty else set()
     srm_failed = srm[srm["verdict"] != "ok"] if not srm.empty else srm
     smd = balance.balance_table(warehouse.read(spark, "first_differences").toPandas(), specs)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 from scipy import stats
 
 SRM_BLOCK_P = 0.001
@@ -150,6 +152,18 @@ def balance(first_differences: pd.DataFrame, design: str) -> dict:
         out[covariate] = (smd(values[groups == first], values[groups == second]),
                           permutation_p(per_unit["value"].to_numpy(float), per_unit["first"].to_numpy(bool)))
     return out
+
+
+def sales_days_per_unit(assignments: DataFrame, sales: DataFrame) -> pd.DataFrame:
+    """The SRM's input: per experiment, randomisation unit and arm, the published non-blackout
+    product-days (`published`) and those with a sales row (`with_sales`). Counted from the sales
+    actually received, so rows a feed dropped or a price the engine never applied show here."""
+    sold = sales.select("product_id", "date").distinct().withColumn("sold", F.lit(1))
+    return (assignments.where(~F.col("blackout"))
+            .join(sold, ["product_id", "date"], "left")
+            .groupBy("experiment", "unit_id", "arm")
+            .agg(F.count("*").alias("published"), F.count("sold").alias("with_sales"))
+            .toPandas())
 
 
 def srm_table(per_unit: pd.DataFrame, experiments: pd.DataFrame) -> pd.DataFrame:

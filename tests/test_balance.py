@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from pipelines import balance
 
@@ -84,3 +85,39 @@ def test_balance_permutes_whole_clusters():
                        "pre_mean": [30.0 + i for i in range(6)] + [10.0 + i for i in range(6)], "pre_price": 20.0})
     table = balance.balance_table(fd, pd.DataFrame({"name": ["e"], "design": ["time_bound"]})).set_index("covariate")
     assert table.loc["pre_mean", "smd"] > 1 and table.loc["pre_mean", "p"] > 0.4 and not table["warn"].any()
+
+
+def _published_and_sold(design: str, n_products: int = 300, days: int = 42, seed: int = 0):
+    """A published design (experiment, product_id, unit_id, date, arm, blackout) and the sales rows
+    received for it: 3% of product-days have no row (no sale), as in a real feed."""
+    rng = np.random.default_rng(seed)
+    dates = pd.date_range("2026-03-02", periods=days).date
+    products = np.array([f"P{i:04d}" for i in range(n_products)])
+    if design == "time_bound":  # half the products treated on every day
+        treated = np.repeat(rng.permutation(n_products) < n_products // 2, days).reshape(n_products, days)
+    else:  # random days: half the products treated on each day
+        treated = np.column_stack([rng.permutation(n_products) < n_products // 2 for _ in range(days)])
+    published = pd.DataFrame({
+        "experiment": design, "product_id": np.repeat(products, days), "unit_id": np.repeat(products, days),
+        "date": np.tile(dates, n_products), "arm": np.where(treated.ravel(), "treatment", "control"), "blackout": False})
+    sold = published.loc[rng.random(len(published)) > 0.03, ["product_id", "date"]].assign(units=1.0)
+    return published, sold
+
+
+@pytest.mark.parametrize("design", ["time_bound", "random_days"])
+def test_the_srm_check_fails_when_a_tenth_of_one_arms_sales_rows_go_missing(spark, design):
+    """Through the check's own Spark aggregation (`sales_days_per_unit`): intact sales pass, the
+    same sales with 10% of the treated arm's rows dropped (a price engine or feed failure) block."""
+    published, sold = _published_and_sold(design)
+    experiments = pd.DataFrame({"name": [design], "design": [design], "treated_fraction": [0.5]})
+
+    def verdict(sales: pd.DataFrame) -> str:
+        per_unit = balance.sales_days_per_unit(spark.createDataFrame(published), spark.createDataFrame(sales))
+        assert per_unit["published"].sum() == len(published)
+        return balance.srm_table(per_unit, experiments)["verdict"].iloc[0]
+
+    assert verdict(sold) == "ok"
+    treated_rows = sold.merge(published, on=["product_id", "date"])["arm"].eq("treatment").to_numpy()
+    rng = np.random.default_rng(1)
+    dropped = sold[~(treated_rows & (rng.random(len(sold)) < 0.10))]
+    assert verdict(dropped) == "block"

@@ -125,12 +125,17 @@ def relative_effect(effect: float, se: float, analysed: pd.DataFrame, alpha: flo
     the effect): a model-free counterfactual level (the treated days' sales minus what treatment
     added). Delta method on R = effect / (Ybar_T - effect):
         Var R = (Ybar^2 Var(effect) + effect^2 Var(Ybar) - 2 Ybar effect Cov(effect, Ybar)) / B^4,
-    Var(effect) = the estimator's (bootstrap) SE squared; Var(Ybar) and Cov(effect, Ybar) from the
-    linearised means over randomisation units within each comparison group (units resampled
-    together, never products of one unit apart), the effect's influence taken as that of the
-    group means of `value` it compares. Large level differences between products make Ybar
-    noisy and strongly tied to the effect (big products have big effects), so the covariance
-    term matters: leaving it out widens, taking Var(Ybar) out narrows the interval.
+    Var(effect) = the estimator's (bootstrap) SE squared.
+    - Between designs: the treated products are a random half, so Ybar moves with the draw, and
+      with the effect (big products have big effects). Var(Ybar) and Cov(effect, Ybar) come from
+      the linearised means over randomisation units within each comparison group (units
+      resampled together, never products of one unit apart), the effect's influence taken as
+      that of the group means of `value` it compares. Leaving the covariance out widens, taking
+      Var(Ybar) out narrows the interval.
+    - Switchback designs: every product is treated, so Ybar is the level of all of them, not a
+      draw: Var(Ybar) = Cov = 0, and B's only error is the effect's (B = Ybar - effect). Treating
+      the products as sampled added e^2 Var(Ybar), which made the interval 12-27% wider than the
+      relative effect's spread in random days (`benchmarks/metrics.py`, 200 experiments a cell).
     The interval is R -/+ q x SE(R), q Student's t quantile with `df` degrees of freedom (the
     estimator's `df_`: its randomisation units, `estimation.effective_df`), normal when None.
     """
@@ -144,17 +149,17 @@ def relative_effect(effect: float, se: float, analysed: pd.DataFrame, alpha: flo
     if not np.isfinite(baseline) or baseline <= 0:
         return {**out, "baseline": baseline}
     ratio = effect / baseline
-    # linearisation per comparison group: the effect is a signed combination of group means of
-    # `value` (+ treated arm, - control arm; switchback: the mean over groups of their means)
+    # between designs, linearised per arm: the effect is the treated arm's mean of `value` minus
+    # the control arm's; switchback designs have no level sampling (see the docstring)
     groups = sorted(rows["group"].astype(str).unique())
     switchback = not set(groups) <= {"treatment", "control"}
     var_y, cov = 0.0, 0.0
-    for group in groups:
+    for group in groups if not switchback else []:
         part = rows[rows["group"].astype(str) == group]
         n_units = part["unit_id"].nunique()
         if n_units < 2:
             continue
-        weight = (1.0 / len(groups)) if switchback else (1.0 if group == "treatment" else -1.0)
+        weight = 1.0 if group == "treatment" else -1.0
         units = part["unit_id"].astype(str).to_numpy()
         ones = np.ones(len(part))
         v = part["value"].to_numpy(float)

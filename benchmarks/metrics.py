@@ -106,7 +106,8 @@ def replicate(job) -> list[dict]:
             # the true substitute groups stand in for the product_clusters snapshot: switchback designs
             # resample them whole, as the experiment_results asset does (estimation.BootstrapBlocks)
             model = estimation.DiDEstimator(n_bootstrap=opts["bootstrap"], random_state=seed).fit(fd, clusters)
-            found = metric_rules.relative_effect(model.effect_, model.se_, model.analysed_, df=model.df_)  # as the pipeline calls it
+            found = metric_rules.relative_effect(model.effect_, model.se_, model.analysed_, df=model.df_,  # as the pipeline calls it
+                                                 se_rel=model.relative_se_)
             t = truth.loc[(spec.name, metric)]
             rows.append({"regime": opts["regime"], "seed": seed, "design": label, "metric": metric,
                          "experiment": spec.name, "effect": model.effect_, "se": model.se_,

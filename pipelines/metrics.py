@@ -12,7 +12,8 @@ One rule in one place:
   loaded (`experiments.load_experiment_directory`), naming the file and the field.
 - The relative effect is effect / B, B = the counterfactual mean of the treated product-days,
   estimated model-free as the treated product-days' observed mean minus the effect. Its interval
-  is the delta method on the linearised ratio over randomisation units (`relative_effect`).
+  is the DiD estimator's jackknife of the ratio in between designs, else the delta method on the
+  linearised ratio over randomisation units (`relative_effect`).
 - Guardrail verdicts (`guardrail_status`): `held` when the whole relative interval lies on the
   safe side of the tolerance, `breached` when it lies wholly beyond it, else `inconclusive`.
 """
@@ -111,7 +112,8 @@ def _unit_sums(units: np.ndarray, *values: np.ndarray) -> list[np.ndarray]:
     return [np.bincount(row, weights=v) for v in values]
 
 
-def relative_effect(effect: float, se: float, analysed: pd.DataFrame, alpha: float = 0.05, df: float | None = None) -> dict:
+def relative_effect(effect: float, se: float, analysed: pd.DataFrame, alpha: float = 0.05, df: float | None = None,
+                    se_rel: float | None = None) -> dict:
     """Relative effect R = effect / B and its interval, B the counterfactual mean of the treated
     product-days.
 
@@ -136,6 +138,9 @@ def relative_effect(effect: float, se: float, analysed: pd.DataFrame, alpha: flo
       draw: Var(Ybar) = Cov = 0, and B's only error is the effect's (B = Ybar - effect). Treating
       the products as sampled added e^2 Var(Ybar), which made the interval 12-27% wider than the
       relative effect's spread in random days (`benchmarks/metrics.py`, 200 experiments a cell).
+    `se_rel`, when the estimator gives it, replaces the delta method: the DiD estimator's
+    jackknife of the ratio itself in between designs (`estimation.jackknife_between`), which
+    re-computes Ybar with the effect and so needs no linearisation.
     The interval is R -/+ q x SE(R), q Student's t quantile with `df` degrees of freedom (the
     estimator's `df_`: its randomisation units, `estimation.effective_df`), normal when None.
     """
@@ -154,7 +159,7 @@ def relative_effect(effect: float, se: float, analysed: pd.DataFrame, alpha: flo
     groups = sorted(rows["group"].astype(str).unique())
     switchback = not set(groups) <= {"treatment", "control"}
     var_y, cov = 0.0, 0.0
-    for group in groups if not switchback else []:
+    for group in groups if not switchback and (se_rel is None or not np.isfinite(se_rel)) else []:
         part = rows[rows["group"].astype(str) == group]
         n_units = part["unit_id"].nunique()
         if n_units < 2:
@@ -175,8 +180,9 @@ def relative_effect(effect: float, se: float, analysed: pd.DataFrame, alpha: flo
         scale = n_units / (n_units - 1)
         var_y += scale * float((infl_y ** 2).sum())
         cov += scale * float((infl_effect * infl_y).sum())
-    var_ratio = (ybar ** 2 * se ** 2 + effect ** 2 * var_y - 2 * ybar * effect * cov) / baseline ** 4
-    se_rel = math.sqrt(max(var_ratio, 0.0))
+    if se_rel is None or not np.isfinite(se_rel):  # the delta method
+        var_ratio = (ybar ** 2 * se ** 2 + effect ** 2 * var_y - 2 * ybar * effect * cov) / baseline ** 4
+        se_rel = math.sqrt(max(var_ratio, 0.0))
     z = _quantile(alpha, df)
     return {"relative_effect": ratio, "se_rel": se_rel, "ci_low_rel": ratio - z * se_rel,
             "ci_high_rel": ratio + z * se_rel, "baseline": baseline}

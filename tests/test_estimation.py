@@ -599,3 +599,34 @@ def test_estimators_follow_scikit_learn_conventions():
         again = clone(model)
         again = again.fit(fd, catalog) if isinstance(again, estimation.HPTEEstimator) else again.fit(fd)
         assert again.effect_ == fitted.effect_ and again.se_ == fitted.se_
+
+
+def test_between_design_se_is_the_leave_one_unit_out_jackknife_with_the_adjustment_refitted():
+    """`jackknife_between` in closed form equals leaving each unit out and re-fitting everything,
+    for the effect and for the relative effect (effect over the treated products' level minus it)."""
+    rng = np.random.default_rng(4)
+    n = 40
+    level = rng.lognormal(np.log(30), 0.8, n)
+    arm = np.where(rng.permutation(n) < n // 2, "treatment", "control")
+    units = np.repeat([f"U{i}" for i in range(n // 2)], 2)  # two products per randomisation unit
+    arm = np.repeat(arm[: n // 2], 2)
+    fd = pd.DataFrame({"product_id": [f"P{i}" for i in range(n)], "unit_id": units, "arm": arm,
+                       "first_difference": rng.normal(0, 1, n) * np.sqrt(level) + 0.1 * level * (arm == "treatment"),
+                       "pre_mean": level * rng.lognormal(0, 0.1, n), "recent_mean": level * rng.lognormal(0, 0.2, n),
+                       "treated_mean": np.where(arm == "treatment", 1.1 * level, np.nan)})
+    model = estimation.DiDEstimator(random_state=0).fit(fd)
+    assert model.covariates_  # the adjustment is on, and re-fitted with each unit left out
+    leave_one_out = {"treatment": [], "control": []}
+    for unit in np.unique(units):
+        rest = fd[fd["unit_id"] != unit]
+        refit = estimation.DiDEstimator(random_state=0).fit(rest)
+        treated_level = rest.loc[rest["arm"] == "treatment", "treated_mean"].mean()
+        leave_one_out[fd.loc[fd["unit_id"] == unit, "arm"].iloc[0]].append(
+            (refit.effect_, refit.effect_ / (treated_level - refit.effect_)))
+    var_effect = var_ratio = 0.0
+    for values in leave_one_out.values():
+        values, m = np.array(values), len(values)
+        var_effect += (m - 1) / m * ((values[:, 0] - values[:, 0].mean()) ** 2).sum()
+        var_ratio += (m - 1) / m * ((values[:, 1] - values[:, 1].mean()) ** 2).sum()
+    assert model.se_ == pytest.approx(np.sqrt(var_effect), rel=1e-8)
+    assert model.relative_se_ == pytest.approx(np.sqrt(var_ratio), rel=1e-8)

@@ -159,6 +159,51 @@ def test_relative_interval_covers_at_about_95_percent_over_many_draws():
     assert 0.89 <= np.mean(covered) <= 0.99, np.mean(covered)
 
 
+def _revenue_world(rng, n=100, effect=-0.05):
+    """A between design on a price-weighted metric: levels are units x price, both lognormal, so a
+    few expensive products carry the spread; each product drifts since its pre-period (which the
+    last-weeks covariate partly sees) and has its own relative effect around `effect`.
+    Returns (first differences, true effect, true relative effect)."""
+    level = rng.lognormal(np.log(5), 0.9, n) * rng.lognormal(np.log(20), 0.7, n)
+    arm = np.where(rng.permutation(n) < n // 2, "treatment", "control")
+    treated = arm == "treatment"
+    drift = rng.normal(0, 0.15, n) * level
+    noise = rng.normal(0, 1, n) * np.sqrt(level) * 2
+    relative = rng.normal(effect, 0.05, n)
+    ids = [f"P{i}" for i in range(n)]
+    frame = pd.DataFrame({"experiment": "r", "product_id": ids, "unit_id": ids, "arm": arm,
+                          "first_difference": drift + noise + relative * level * treated,
+                          "pre_mean": level * rng.lognormal(0, 0.05, n), "recent_mean": level + 0.6 * drift + rng.normal(0, 0.05, n) * level,
+                          "treated_mean": np.where(treated, level * (1 + relative) + drift + noise, np.nan)})
+    return frame, float((relative * level).mean()), float((relative * level).sum() / level.sum())
+
+
+def test_between_design_intervals_cover_a_price_weighted_metric():
+    """Known truth over 300 draws of a 100-product between design on revenue-like first
+    differences: the jackknife intervals (absolute, and relative from the jackknife of the ratio)
+    cover at about 95%, and the SEs match the estimates' spread. Measured: coverage 0.953
+    absolute, 0.957 relative; mean SE / empirical SE 0.99 absolute, 0.98 relative. (The unit
+    bootstrap gets 0.94 here too; where it fell short, in the simulator's heavier-tailed revenue
+    and profit, is in `estimation.jackknife_between`'s docstring.)"""
+    rng = np.random.default_rng(5)
+    errors, ses, covered, rel_errors, rel_ses, rel_covered = [], [], [], [], [], []
+    for _ in range(300):
+        fd, effect, relative = _revenue_world(rng)
+        model = estimation.DiDEstimator(random_state=0).fit(fd)
+        found = metrics.relative_effect(model.effect_, model.se_, model.analysed_, df=model.df_, se_rel=model.relative_se_)
+        assert found["se_rel"] == model.relative_se_
+        errors.append(model.effect_ - effect)
+        ses.append(model.se_)
+        covered.append(model.ci_[0] <= effect <= model.ci_[1])
+        rel_errors.append(found["relative_effect"] - relative)
+        rel_ses.append(found["se_rel"])
+        rel_covered.append(found["ci_low_rel"] <= relative <= found["ci_high_rel"])
+    assert 0.92 <= np.mean(covered) <= 0.98, np.mean(covered)
+    assert 0.92 <= np.mean(rel_covered) <= 0.98, np.mean(rel_covered)
+    assert 0.9 <= np.mean(ses) / np.std(errors, ddof=1) <= 1.15
+    assert 0.9 <= np.mean(rel_ses) / np.std(rel_errors, ddof=1) <= 1.15
+
+
 HETEROGENEITY = 0.02  # sd of the products' relative effects around 0.15
 
 

@@ -1177,6 +1177,46 @@ def jackknife_between(units: np.ndarray, y: np.ndarray, x: np.ndarray, groups: n
     return math.sqrt(var_effect), (math.sqrt(var_ratio) if level is not None and np.isfinite(var_ratio) else np.nan)
 
 
+JACKKNIFE_GROUPS = 250  # per arm: above this many units, HPTE's jackknife leaves out groups of units
+
+
+def jackknife_weights(n_units: list[int], rng: np.random.Generator,
+                      max_groups: int = JACKKNIFE_GROUPS) -> tuple[list[np.ndarray], list[slice]]:
+    """Weights of the stratified jackknife of a between design, as draws for the leaf machinery:
+    per arm a (units x draws) matrix and the slice of the draws that leave out that arm's units.
+
+    Each arm's m units are dealt at random to G = min(m, `max_groups`) groups (one unit a group up
+    to `max_groups`: the delete-one jackknife); draw j leaves out one group of one arm (weight 0)
+    and keeps every other unit (weight 1). Grouping bounds the draws at 2 x `max_groups` whatever
+    the size; with hundreds of units an arm the heavy-tail error the jackknife corrects
+    (`jackknife_between`) has faded, and G - 1 = 249 degrees of freedom an arm keep the SE's own
+    noise small. `jackknife_se` turns the draws' estimates into the SE."""
+    total = sum(min(m, max_groups) for m in n_units)
+    weights, slices, first = [], [], 0
+    for m in n_units:
+        g = min(m, max_groups)
+        group_of = rng.permutation(m) % g
+        w = np.ones((m, total))
+        w[np.arange(m), first + group_of] = 0.0
+        weights.append(w)
+        slices.append(slice(first, first + g))
+        first += g
+    return weights, slices
+
+
+def jackknife_se(estimates: np.ndarray, slices: list[slice]) -> float:
+    """SE from the leave-one-group-out estimates of `jackknife_weights`: the square root of the sum
+    over arms of (G - 1)/G x the squared deviations of the arm's G estimates."""
+    variance = 0.0
+    for part in slices:
+        values = estimates[part]
+        g = len(values)
+        if g < 2 or not np.isfinite(values).all():
+            return np.nan
+        variance += (g - 1) / g * float(((values - values.mean()) ** 2).sum())
+    return math.sqrt(variance)
+
+
 def effective_df(units: np.ndarray, values: np.ndarray, groups: np.ndarray, switchback: bool, n_covariates: int = 0) -> float:
     """Degrees of freedom of the effect's SE: Welch-Satterthwaite over the comparison groups'
     randomisation units (or bootstrap blocks: pass them as `units`), minus the adjustment's
@@ -1292,6 +1332,10 @@ class _EffectEstimator(BaseEstimator):
         (`effective_df`) and the Student t interval: the last step of both fits."""
         self.bootstrap_ = self.bootstrap_[np.isfinite(self.bootstrap_)]
         self.se_ = float(np.std(self.bootstrap_, ddof=1))
+        self._interval_from_se(y, groups, switchback, n_covariates)
+
+    def _interval_from_se(self, y: np.ndarray, groups: np.ndarray, switchback: bool, n_covariates: int) -> None:
+        """Degrees of freedom (`effective_df`) and the Student t interval around `se_`."""
         self.df_ = effective_df(self.analysed_["unit_id"].astype(str).to_numpy(), y, groups, switchback, n_covariates)
         self.ci_ = t_interval(self.effect_, self.se_, self.df_, self.alpha)
 
@@ -1408,8 +1452,7 @@ class DiDEstimator(_EffectEstimator):
             self.effect_, self.bootstrap_ = adjusted_effect(units, raw, x, groups, switchback, 0, rng)
             level = np.where(groups == "treatment", fd["treated_mean"].to_numpy(float), np.nan) if "treated_mean" in fd.columns else None
             self.se_, self.relative_se_ = jackknife_between(units, raw, x, groups, level)
-            self.df_ = effective_df(self.analysed_["unit_id"].astype(str).to_numpy(), y, groups, switchback, x.shape[1])
-            self.ci_ = t_interval(self.effect_, self.se_, self.df_, self.alpha)
+            self._interval_from_se(y, groups, switchback, x.shape[1])
         self.n_treated_ = int((groups == "treatment").sum()) if not switchback else len(fd)
         self.n_control_ = int((groups == "control").sum()) if not switchback else len(fd)
         self.n_products_ = int(fd["product_id"].nunique())
@@ -1595,15 +1638,20 @@ class HPTEEstimator(_EffectEstimator):
       For switchback designs every product is its own control, so the estimate is the (trimmed)
       mean within-product difference, a crossover's two sequences weighted equally (a period
       effect cancels; `comparison_groups`); the forest then only describes heterogeneity.
-    - Bootstrap: randomisation units (products, or clusters) are resampled with replacement,
-      within arm for between designs, `n_bootstrap` times; the forest's leaves stay fixed and
-      each draw recomputes every leaf's difference from sparse unit-by-leaf sums (one matrix
-      product per arm). SE = sd of the draws; the 95% interval is effect -/+ t x SE with the
-      randomisation units' degrees of freedom (`effective_df`, learned as `df_`), as in DiD.
+    - Standard error, the forest's leaves held fixed, every draw recomputing every leaf's
+      difference from sparse unit-by-leaf sums (one matrix product per arm): between designs the
+      stratified jackknife over randomisation units (`jackknife_weights`: each unit, or above 250
+      an arm each of 250 groups of units, left out in turn; `jackknife_se`), which also gives the
+      relative effect's SE (`relative_se_`); switchback designs the mean within-product
+      difference's bootstrap, as in DiD (`adjusted_effect`, `n_bootstrap` draws). The 95%
+      interval is effect -/+ t x SE with the randomisation units' degrees of freedom
+      (`effective_df`, learned as `df_`), as in DiD.
 
     Attributes
     ----------
-    effect_, se_, ci_, df_, bootstrap_ : the estimate, its SE, interval, degrees of freedom and draws.
+    effect_, se_, ci_, df_, bootstrap_ : the estimate, its SE, interval, degrees of freedom and draws
+        (between designs: the jackknife's leave-out estimates).
+    relative_se_ : between designs, the jackknife SE of the relative effect (`metrics.relative_effect`).
     n_trimmed_, trimmed_products_, n_products_, n_units_ : what the filter removed and what was analysed.
     n_leaves_, n_leaves_skipped_, leaf_effects_ : the leaves (one row per fold, tree and leaf).
     product_effects_ : per-product effect (mean over trees of its leaf's difference).
@@ -1615,7 +1663,7 @@ class HPTEEstimator(_EffectEstimator):
     Parameters
     ----------
     n_bootstrap : int, default 1000
-        Bootstrap draws of the randomisation units.
+        Bootstrap draws of the randomisation units (switchback designs).
     trim_k : float, default 2.0
         The outlier filter's tail share is trim_k / N per tail (0: no filter).
     n_estimators, min_samples_leaf : int, default 200, 5
@@ -1785,11 +1833,16 @@ class HPTEEstimator(_EffectEstimator):
         if z.shape[1] and len(fd) < 3 * (z.shape[1] + 1):
             z = np.zeros((len(fd), 0))
         raw_y = fd["raw_first_difference"].to_numpy(float) if z.shape[1] else y
-        point = self._leaf_estimates(y, raw_y, z, treated, units, leaf_column, len(leaf_ids), blocks, switchback, rng)
+        level = (np.where(treated, fd["treated_mean"].to_numpy(float), np.nan)
+                 if "treated_mean" in fd.columns and not switchback else None)
+        point = self._leaf_estimates(y, raw_y, z, treated, units, leaf_column, len(leaf_ids), switchback, rng, level)
         if switchback:  # every product is its own control: the leaf average is the mean; balance sequences
             self.effect_, self.bootstrap_ = adjusted_effect(units, raw_y, z, groups, True, self.n_bootstrap, rng,
                                                             blocks if blocks.blocks is not None else None)
-        self._interval_from_bootstrap(y, groups, switchback, z.shape[1])
+            self._interval_from_bootstrap(y, groups, switchback, z.shape[1])
+        else:
+            self.se_ = jackknife_se(self.bootstrap_, self._jackknife_slices)
+            self._interval_from_se(y, groups, switchback, z.shape[1])
         self._describe(fd, point, leaf_ids, leaf_column, importance, encoded, raw, columns_of, switchback)
         return self
 
@@ -1829,7 +1882,8 @@ class HPTEEstimator(_EffectEstimator):
                 raise ValueError(f"the {group} arm has {n_units} randomisation unit(s) with data after trimming; need >= 2")
         return fd, groups, blocks
 
-    def _leaf_estimates(self, y, raw_y, z, treated, units, leaf_column, n_columns: int, blocks, switchback: bool, rng) -> tuple:
+    def _leaf_estimates(self, y, raw_y, z, treated, units, leaf_column, n_columns: int, switchback: bool, rng,
+                        level: np.ndarray | None = None) -> tuple:
         """The leaf-weighted estimate and its bootstrap draws (`effect_`, `bootstrap_`); returns the
         sample's per-leaf sums (s_t, n_t, s_c, n_c, difference, weight) for `_describe`.
 
@@ -1841,27 +1895,32 @@ class HPTEEstimator(_EffectEstimator):
         covariates'), and each arm's weighted moments for theta_b."""
         k = z.shape[1]
         first_arm = np.ones(len(y), bool) if switchback else treated
-        n_draws = 0 if switchback else self.n_bootstrap
         values = np.column_stack([y] if not k else [raw_y, *z.T])
-        arms, moments = [], []
-        for mask in (first_arm, ~first_arm):
-            arm_units, unit_row = np.unique(units[mask], return_inverse=True)
+        # between designs: the stratified jackknife's draws (`jackknife_weights`), not a bootstrap:
+        # as in DiD (`jackknife_between`), the bootstrap understated revenue's and profit's SE
+        masks = (first_arm, ~first_arm)
+        arm_units = [np.unique(units[mask], return_inverse=True) for mask in masks]
+        jackknife, self._jackknife_slices = (jackknife_weights([len(u) for u, _ in arm_units], rng) if not switchback
+                                             and all(len(u) for u, _ in arm_units) else ([None, None], []))
+        n_draws = 0 if switchback else sum(part.stop - part.start for part in self._jackknife_slices)
+        arms, moments, level_sums = [], [], []
+        for mask, (group_units, unit_row), weights in zip(masks, arm_units, jackknife):
             n_rows = int(mask.sum())
-            if not len(arm_units) or not n_draws:
-                draws = None
-            elif blocks.blocks is None:  # (units x draws), C order: the draws are the inner, vectorised axis
-                draws = np.ascontiguousarray(resample_counts(len(arm_units), n_draws, rng).T)
-            else:
-                draws = np.ascontiguousarray(blocks.weights(arm_units, n_draws, rng).T)
+            draws = np.ascontiguousarray(weights) if weights is not None and n_draws else None  # (units x draws)
+            if draws is not None and level is not None:  # the relative effect's level, per draw (treated arm)
+                in_level = np.isfinite(level[mask])
+                level_sums.append(draws.T @ np.column_stack([
+                    np.bincount(unit_row, weights=in_level.astype(float), minlength=len(group_units)),
+                    np.bincount(unit_row, weights=np.where(in_level, level[mask], 0.0), minlength=len(group_units))]))
             arms.append(_BootstrapArm(
-                counts=_membership(unit_row, leaf_column[mask], np.ones(n_rows), len(arm_units), n_columns).T.tocsr(),
+                counts=_membership(unit_row, leaf_column[mask], np.ones(n_rows), len(group_units), n_columns).T.tocsr(),
                 members=_membership(np.arange(n_rows), leaf_column[mask], np.ones(n_rows), n_rows, n_columns).tocsc(),
                 unit_row=unit_row, values=values[mask], draws=draws,
             ))
             if k and draws is not None:  # per draw: the arm's weighted sums for theta_b
                 zm, ym = z[mask], raw_y[mask]
                 columns = [np.ones(n_rows), ym, *zm.T, *(zm[:, :, None] * zm[:, None, :]).reshape(n_rows, k * k).T, *(zm * ym[:, None]).T]
-                unit_sums = np.column_stack([np.bincount(unit_row, weights=c, minlength=len(arm_units)) for c in columns])
+                unit_sums = np.column_stack([np.bincount(unit_row, weights=c, minlength=len(group_units)) for c in columns])
                 moments.append(draws.T @ unit_sums)
 
         # the sample itself: per-leaf sums and the point estimate (on the adjusted first differences)
@@ -1877,6 +1936,12 @@ class HPTEEstimator(_EffectEstimator):
         self.bootstrap_ = estimates[1:]
         if not np.isfinite(self.effect_):
             raise ValueError("no causal-forest leaf holds both arms")
+        self.relative_se_ = None
+        if level_sums:  # the ratio effect / (Ybar - effect) in every draw, Ybar the treated products' level
+            in_level, level_sum = sum(part[:, 0] for part in level_sums), sum(part[:, 1] for part in level_sums)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = self.bootstrap_ / (level_sum / in_level - self.bootstrap_)
+            self.relative_se_ = jackknife_se(ratio, self._jackknife_slices)
         return s_t, n_t, s_c, n_c, difference[0], weight[0]
 
     def _describe(self, fd, point, leaf_ids, leaf_column, importance, encoded, raw, columns_of, switchback: bool) -> None:

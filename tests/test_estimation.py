@@ -630,3 +630,22 @@ def test_between_design_se_is_the_leave_one_unit_out_jackknife_with_the_adjustme
         var_ratio += (m - 1) / m * ((values[:, 1] - values[:, 1].mean()) ** 2).sum()
     assert model.se_ == pytest.approx(np.sqrt(var_effect), rel=1e-8)
     assert model.relative_se_ == pytest.approx(np.sqrt(var_ratio), rel=1e-8)
+
+
+@pytest.mark.parametrize("max_groups", [250, 7])
+def test_jackknife_weights_leave_each_unit_out_once_and_give_the_textbook_se_of_a_mean_difference(max_groups):
+    """Delete-one (every group one unit) the jackknife SE of a difference in means is exactly
+    sqrt(s_t^2/n_t + s_c^2/n_c); with fewer groups than units each unit is still left out once."""
+    rng = np.random.default_rng(8)
+    treated, control = rng.lognormal(0, 1, 40), rng.lognormal(0, 1, 30)
+    weights, slices = estimation.jackknife_weights([40, 30], rng, max_groups=max_groups)
+    assert [w.shape for w in weights] == [(40, slices[1].stop), (30, slices[1].stop)]
+    assert (weights[0][:, slices[0]] == 0).sum(axis=1).tolist() == [1] * 40  # each unit out once, in its own arm's draws
+    assert (weights[0][:, slices[1]] == 1).all() and (weights[1][:, slices[0]] == 1).all()
+    estimates = treated @ weights[0] / weights[0].sum(axis=0) - control @ weights[1] / weights[1].sum(axis=0)
+    se = estimation.jackknife_se(estimates, slices)
+    textbook = np.sqrt(treated.var(ddof=1) / 40 + control.var(ddof=1) / 30)
+    if max_groups >= 40:
+        assert se == pytest.approx(textbook, rel=1e-10)
+    else:  # 7 groups an arm: the grouped jackknife, unbiased but noisier
+        assert 0.5 * textbook < se < 1.5 * textbook

@@ -22,7 +22,8 @@ Method, per candidate (design x unit x blackout):
 - **Calibration on the real estimator** (`calibrate`). On `n_calibration` of the replays (at most
   `calibration_products` products, whole units) the real path runs: `estimation.
   first_differences_pandas` (the pipeline's counterfactuals, back-tests and known factors) and
-  `estimation.DiDEstimator` with its cluster-aware bootstrap. The ratio of the real SE to the
+  `estimation.DiDEstimator` with its own SE (the jackknife in between designs, the cluster-aware
+  bootstrap in switchback designs). The ratio of the real SE to the
   fast SE on the same replays scales the fast replays' spread into `predicted_se` (units per
   product-day, the estimator pricelab reports).
 - **Carryover** (`carryover_from_history`). From the ends of past price changes: the treated days

@@ -8,7 +8,8 @@ differences for units, revenue and profit with the pandas twin of the Spark path
 equal to the Spark path on one world first, `--skip-spark-check` to skip) and fits the
 regression-adjusted DiD (`estimation.estimate_experiments` with the estimator set to DiD only:
 the relative interval is the same rule for HPTE, whose forest would cost ~20x the CPU here), its
-bootstrap resampling the world's true substitute groups whole in switchback designs (standing in
+SE the jackknife over randomisation units in between designs and a bootstrap resampling the world's
+true substitute groups whole in switchback designs (standing in
 for the product_clusters snapshot, as in benchmarks/estimators.py).
 Truth: `simulation.true_effects(..., metrics=(units, revenue, profit))`, the direct effect for
 product units (the global one for cluster units) over its counterfactual level.
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
     print(f"command: .venv/bin/python benchmarks/metrics.py {params}")
     print(f"{args.replications} worlds per regime, {args.per_design} experiments per design each ({args.products} products, "
           f"{args.weeks} weeks, price change {args.price_change:+.0%}, carryover {args.carryover}); estimator: DiD; "
-          "relative interval: delta method over randomisation units (pipelines.metrics.relative_effect)")
+          "relative interval (pipelines.metrics.relative_effect): between designs the jackknife of the ratio over randomisation "
+          "units, switchback designs the effect's bootstrap SE with the products' level fixed")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"total {time.time() - started:.0f} s")
     return 0

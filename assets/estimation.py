@@ -195,7 +195,7 @@ def _clusters_in_force(context, specs: pd.DataFrame) -> dict[str, pd.DataFrame]:
 class EstimationConfig(dg.Config):
     """Run-level knob of a results refresh (set it in the launchpad): bootstrap draws per estimate
     of a switchback design (the SE's own Monte Carlo error is about SE / sqrt(2 x n_bootstrap);
-    between designs use the jackknife, which has none). Results of the same day
+    between designs use the jackknife over units, or over 250 groups of units an arm). Results of the same day
     and settings are reproduced bit for bit; `estimator_settings` in the metadata records them."""
 
     n_bootstrap: int = estimation.HPTEEstimator().n_bootstrap

@@ -1152,9 +1152,9 @@ def jackknife_between(units: np.ndarray, y: np.ndarray, x: np.ndarray, groups: n
     products, profit's mean bootstrap SE was 0.82x its empirical SE (time-bound) and 0.71x
     (triggered), with relative-interval coverage 0.908-0.925. The jackknife, close to the HC3
     sandwich, gave 0.95x / 0.87x and relative coverage 0.933-0.975 in every cell of the default and
-    weak regimes (units: 0.95-1.11x, coverage 0.933-0.967). Both SEs were computed on the same
-    experiments (benchmarks/metrics.py's worlds, 60 a regime, time-bound and triggered); HC2 fell
-    in between and still left three of twelve cells below 93%.
+    weak regimes (units: 0.95-1.11x, coverage 0.933-0.967). Every SE was computed on the same
+    experiments (`benchmarks/se_methods.py --replications 60 --regime default,weak`, which prints
+    bootstrap, HC2 and jackknife side by side); HC2 fell in between.
     """
     k = x.shape[1]
     names, stats = _unit_moments(units, y, x, groups, level)

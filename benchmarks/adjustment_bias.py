@@ -163,7 +163,7 @@ def one_world(seed: int, regime: str, designs: list[str], save_fd: str | None = 
     if save_fd:  # for trying further variants offline on the same experiments
         fds.to_pickle(f"{save_fd}/{regime}_{seed}.pkl")
         pd.Series(truth).to_pickle(f"{save_fd}/{regime}_{seed}_truth.pkl")
-    return [{"seed": seed, "design": s.design, "truth": truth[s.name], **variants(fds[fds["experiment"] == s.name])}
+    return [{"seed": seed, "regime": regime, "design": s.design, "truth": truth[s.name], **variants(fds[fds["experiment"] == s.name])}
             for s in specs]
 
 
@@ -196,7 +196,8 @@ def main() -> int:
         results = pd.DataFrame(rows)
         if args.out:
             results.to_csv(args.out, index=False)
-    print(f"regime {args.regime}, {results['seed'].nunique()} worlds, carryover 0, product units")
+    regimes = ",".join(sorted(results["regime"].unique())) if "regime" in results.columns else args.regime
+    print(f"regime {regimes}, {results['seed'].nunique()} worlds, carryover 0, product units")
     print("| design | variant | bias (+- its SE) | sd | bias/sd | rmse | shift from raw | paired t of the shift |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for design, group in results.groupby("design"):
